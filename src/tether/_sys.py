@@ -1,0 +1,268 @@
+"""Every syscall, ioctl and ctypes binding tether uses, in one place.
+
+Rules of this module:
+
+* Nothing else in tether imports ``ctypes`` or issues namespace-crossing, privileged or
+  fd-passing syscalls; callers use the named helpers below.  A reviewer auditing what tether
+  asks of the kernel reads this file and nothing else.
+* Helpers raise ``OSError`` with the real errno (never return -1), so callers can turn them
+  into precise user-facing messages.
+* Every fd created here is O_CLOEXEC unless the caller explicitly passes it on (principle 5:
+  a host fd that reaches the sandbox unintended is a sandbox escape).
+
+Python 3.11 lacks ``os.unshare``/``os.setns`` and any mount API, hence libc through ctypes.
+libnftables is loaded lazily: only the process that installs a ruleset pays for it.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import resource
+import socket
+import struct
+from typing import Sequence
+
+# --- namespaces ------------------------------------------------------------------------------
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _check(result: int, what: str) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): move the calling process into new namespaces."""
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """setns(2): join the namespace ``fd`` refers to (single-threaded callers only for userns)."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def write_id_maps(uid_map: str, gid_map: str, pid: str = "self") -> None:
+    """Write uid/gid maps of a fresh user namespace (setgroups denied first, as unprivileged
+    gid mapping requires)."""
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write(uid_map)
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write(gid_map)
+
+
+# --- mounts ----------------------------------------------------------------------------------
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    """mount(2)."""
+    enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def umount(target: str, flags: int = 0) -> None:
+    """umount2(2)."""
+    _check(_libc.umount2(os.fsencode(target), flags), f"umount {target}")
+
+
+def make_mounts_private() -> None:
+    """Stop mount events in this (new) mount namespace from propagating to the host's."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+# --- process control -------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper() -> None:
+    """Orphaned descendants (the sandbox's pid 1 once its spawner exits) are reparented to us."""
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Deliver ``sig`` to the caller when its parent exits."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+pidfd_open = os.pidfd_open
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit (each relayed connection holds
+    several fds); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def close_fds_above(lowest: int) -> None:
+    """Close every fd >= ``lowest`` (before exec: the sandboxed command gets 0, 1, 2 only)."""
+    os.closerange(lowest, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+
+
+# --- tun ------------------------------------------------------------------------------------
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+
+
+def open_tun(name: str) -> int:
+    """Create tun device ``name``; it lands in the netns where /dev/net/tun is *opened*."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+# --- sockets --------------------------------------------------------------------------------
+
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Destination a redirected TCP connection was addressed to before nft's ``redirect``."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+
+
+def set_reset_on_close(sock: socket.socket) -> None:
+    """SO_LINGER {on, 0}: close() sends a TCP RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def send_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """sendmsg with SCM_RIGHTS; the receiver gets its own copies of ``fds``."""
+    socket.send_fds(sock, [data], list(fds))
+
+
+def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """recvmsg with SCM_RIGHTS; received fds are made close-on-exec (MSG_CMSG_CLOEXEC)."""
+    fds = array.array("i")
+    msg, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(0, "control data truncated: too many fds in one message")
+    return msg, list(fds)
+
+
+# --- pipes and splice -------------------------------------------------------------------------
+
+F_SETPIPE_SZ = 1031
+splice = os.splice
+SPLICE_F_MOVE = os.SPLICE_F_MOVE
+SPLICE_F_NONBLOCK = os.SPLICE_F_NONBLOCK
+
+
+def make_pipe(size: int) -> tuple[int, int]:
+    """A non-blocking close-on-exec pipe, grown to ``size`` bytes when the per-user pipe
+    budget allows (falls back to the kernel default otherwise)."""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, size)
+    except OSError:
+        pass
+    return r, w
+
+
+# --- nftables ---------------------------------------------------------------------------------
+
+class Nftables:
+    """libnftables in-process: no ``nft`` exec, so the capabilities a rootless process holds in
+    its own fresh namespaces (lost on execve) remain usable."""
+
+    def __init__(self) -> None:
+        lib = _load_libnftables()
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self._lib = lib
+        self._ctx = lib.nft_ctx_new(0)
+        if not self._ctx:
+            raise OSError(ctypes.get_errno(), "nft_ctx_new failed")
+        lib.nft_ctx_buffer_error(self._ctx)
+        lib.nft_ctx_buffer_output(self._ctx)
+
+    def run(self, commands: str) -> str:
+        """Run an nft script; return its output or raise OSError with nft's error text."""
+        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, commands.encode())
+        if rc != 0:
+            err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")
+            raise OSError(0, f"nft: {err.strip()}")
+        return (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(errors="replace")
+
+    def close(self) -> None:
+        if self._ctx:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = None
+
+
+def _load_libnftables() -> ctypes.CDLL:
+    # Try the soname first: ctypes.util.find_library spawns ldconfig (tens of ms at start-up).
+    try:
+        return ctypes.CDLL("libnftables.so.1", use_errno=True)
+    except OSError:
+        name = ctypes.util.find_library("nftables")
+        if not name:
+            raise OSError(2, "libnftables not found (Debian: apt-get install nftables)") from None
+        return ctypes.CDLL(name, use_errno=True)
+
+
+def nftables_available() -> bool:
+    try:
+        _load_libnftables()
+    except OSError:
+        return False
+    return True

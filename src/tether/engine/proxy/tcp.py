@@ -1,0 +1,191 @@
+"""TCP proxy: accept captured connections, decide, dial from the host, relay with splice.
+
+Theory of operation
+-------------------
+The sandbox's nft ``capture`` chain redirects every outgoing TCP connection to ``listener``, a
+socket bound to 127.0.0.1 *inside* the sandbox netns and held here, in the host netns.  The
+sandbox's own kernel terminates the TCP connection (handshake, retransmission, windows: nothing
+of TCP is reimplemented here).  For each accepted socket:
+
+1. read the original destination (SO_ORIGINAL_DST);
+2. map the gateway: ``10.0.2.2:PORT`` becomes the host's ``127.0.0.1:PORT`` for ``--allow-host``
+   ports; the rest of the sandbox subnet is refused (the kernel already refuses it; this is the
+   second line of defence);
+3. evaluate the policy again (the kernel ruleset is compiled from the same policy, so a deny
+   here means the two disagree — it is refused and audited all the same);
+4. dial from the host netns with a timeout; refusal, unreachability or timeout resets the
+   sandbox side at once (``error`` event with the reason);
+5. relay with ``RelayPair`` (splice), ``connect`` event on success, ``close`` event with the
+   byte counts and duration when both directions are finished.
+
+Every connection is a task guarded by its own try/except: a failure in one (even a bug) is
+logged as an ``error`` event and resets only that connection.  The proxy owns the listener's
+reader registration, the live pairs and their pipes; ``close()`` resets every live connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass, field
+
+from tether import _sys
+from tether.audit import Audit, format_endpoint
+from tether.engine.proxy.relay import PipePool, RelayPair
+from tether.net.nft import GATEWAY_RULE, SandboxNet
+from tether.policy import Decision, Policy
+
+CONNECT_TIMEOUT = 10.0
+ACCEPTS_PER_WAKEUP = 64
+
+
+@dataclass
+class TcpStats:
+    live: int = 0
+    accepted: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class _Flow:
+    src: str
+    dst: str
+    rule: str
+    started: float
+    pair: RelayPair | None = None
+
+
+class TcpProxy:
+    def __init__(self, listener: socket.socket, policy: Policy, audit: Audit,
+                 allow_host_ports: frozenset[int] = frozenset(), net: SandboxNet = SandboxNet(),
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.listener = listener
+        self.policy = policy
+        self.audit = audit
+        self.allow_host_ports = allow_host_ports
+        self.net = net
+        self.connect_timeout = connect_timeout
+        self.stats = TcpStats()
+        self.pool = PipePool()
+        self._tasks: set[asyncio.Task] = set()
+        self._pairs: set[RelayPair] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.listener.setblocking(False)
+        self._loop.add_reader(self.listener.fileno(), self._on_acceptable)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.listener.fileno())
+        for task in list(self._tasks):
+            task.cancel()
+        for pair in list(self._pairs):
+            pair.abort(ConnectionAbortedError("sandbox stopped"))
+        self.pool.close()
+
+    def _on_acceptable(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving what we have
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return
+                raise
+            self.stats.accepted += 1
+            task = asyncio.ensure_future(self._handle(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _decide(self, addr: str, port: int) -> tuple[Decision, tuple[str, int]]:
+        """(decision, address to dial) for an original destination."""
+        ip = ipaddress.ip_address(addr)
+        if ip == self.net.gateway:
+            if port in self.allow_host_ports:
+                return Decision("allow", f"allow-host:{port}"), ("127.0.0.1", port)
+            return Decision("deny", GATEWAY_RULE), (addr, port)
+        if ip in self.net.address.network:
+            return Decision("deny", GATEWAY_RULE), (addr, port)
+        return self.policy.evaluate("tcp", ip, port), (addr, port)
+
+    async def _handle(self, conn: socket.socket) -> None:
+        started = time.monotonic()
+        src = dst = "?"
+        rule = "?"
+        upstream: socket.socket | None = None
+        try:
+            conn.setblocking(False)
+            peer = conn.getpeername()
+            src = format_endpoint(peer[0], peer[1])
+            addr, port = _sys.original_destination(conn)
+            dst = format_endpoint(addr, port)
+            decision, target = self._decide(addr, port)
+            rule = decision.rule
+            if decision.verdict == "deny":
+                _reset(conn)
+                self.audit.emit("deny", proto="tcp", src=src, dst=dst, rule=rule, verdict="deny")
+                return
+            family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+            upstream = socket.socket(family, socket.SOCK_STREAM)
+            upstream.setblocking(False)
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await asyncio.get_running_loop().sock_connect(upstream, target)
+            except (OSError, TimeoutError) as exc:
+                reason = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+                upstream.close()
+                upstream = None
+                _reset(conn)
+                self.audit.emit("error", proto="tcp", src=src, dst=dst, rule=rule, verdict="allow",
+                                duration_ms=(time.monotonic() - started) * 1000, reason=reason)
+                return
+            for sock in (conn, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.audit.emit("connect", proto="tcp", src=src, dst=dst, rule=rule, verdict="allow")
+            flow = _Flow(src, dst, rule, started)
+            pair = RelayPair(asyncio.get_running_loop(), self.pool, conn, upstream,
+                             lambda p, err: self._on_pair_closed(flow, p, err))
+            flow.pair = pair
+            self._pairs.add(pair)
+            self.stats.live += 1
+            upstream = None
+            pair.start()
+        except asyncio.CancelledError:
+            _reset(conn)
+            if upstream is not None:
+                upstream.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - one connection's failure stays its own
+            _reset(conn)
+            if upstream is not None:
+                upstream.close()
+            self.audit.emit("error", proto="tcp", src=src, dst=dst, rule=rule, verdict="allow",
+                            duration_ms=(time.monotonic() - started) * 1000, reason=f"internal: {exc!r}")
+
+    def _on_pair_closed(self, flow: _Flow, pair: RelayPair, error: BaseException | None) -> None:
+        self._pairs.discard(pair)
+        self.stats.live -= 1
+        self.stats.bytes_up += pair.bytes_up
+        self.stats.bytes_down += pair.bytes_down
+        fields = {}
+        if error is not None:
+            fields["reason"] = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        self.audit.emit("close", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow",
+                        bytes_up=pair.bytes_up, bytes_down=pair.bytes_down,
+                        duration_ms=(time.monotonic() - flow.started) * 1000, **fields)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with an RST: the sandboxed client sees ECONNRESET at once, never a hang."""
+    try:
+        _sys.set_reset_on_close(sock)
+    except OSError:
+        pass
+    sock.close()

@@ -1,0 +1,151 @@
+"""The holder: pid 1 of a sandbox.
+
+Theory of operation
+-------------------
+The holder is forked by the spawner right after the network is configured, so it is the first
+process of the new pid namespace and keeps every capability of the namespace owner (it never
+execs).  It:
+
+1. makes its mount namespace private, mounts a fresh ``/proc`` (for the new pid namespace) and
+   ``/sys`` (so the sandbox sees only its own interfaces), and bind-mounts the sandbox's
+   ``resolv.conf`` over ``/etc/resolv.conf`` — all in the sandbox's mount namespace only;
+2. forks CMD: own process group, handed the terminal's foreground when tether had it (so
+   Ctrl-C, Ctrl-\\ and window changes reach CMD, not tether), default signal dispositions, no
+   fds but 0, 1 and 2, then ``execvp``;
+3. loops: reaps every child (orphans of the sandbox are re-parented to pid 1), forwards the
+   signals tether relays to it (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) to CMD, and
+   exits with CMD's status (128+N when CMD died of signal N) as soon as CMD is gone.  When pid 1
+   exits the kernel kills whatever else is left in the namespace.
+4. If tether dies (the control socket reaches EOF) the holder kills CMD and exits: a sandbox
+   never outlives its engine.
+
+The control socket is the holder's link to tether; later issues use it to create sockets
+inside the netns on demand.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+
+from tether import _sys
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def exit_code(status: int) -> int:
+    """Shell convention: the exit status, or 128+N for death by signal N."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _bind_text_file(text: str, target: str, scratch: str = "/tmp") -> None:
+    """Bind a file holding ``text`` over ``target`` in this mount namespace only.
+
+    The file lives on a private tmpfs mounted over ``scratch`` just long enough to bind it,
+    then lazily unmounted: the bind keeps the tmpfs alive, ``scratch`` shows its old contents
+    again, and nothing is ever written to the host's filesystems.  (A bind from an O_TMPFILE
+    fd is refused by the kernel, ENOENT.)
+    """
+    _sys.mount("tether", scratch, "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC, "size=64k,mode=0755")
+    try:
+        path = os.path.join(scratch, os.path.basename(target))
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+        _sys.mount(path, target, None, _sys.MS_BIND)
+    finally:
+        _sys.umount(scratch, _sys.MNT_DETACH)
+
+
+def _setup_mounts(resolv_conf: str) -> None:
+    _sys.make_mounts_private()
+    _sys.mount("proc", "/proc", "proc", _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC)
+    try:
+        _sys.mount("sysfs", "/sys", "sysfs", _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC | _sys.MS_RDONLY)
+    except OSError:
+        pass  # best effort: a locked-down /sys (e.g. inside a container) stays the host's view
+    if os.path.exists("/etc/resolv.conf"):
+        _bind_text_file(resolv_conf, "/etc/resolv.conf")
+
+
+def _exec_command(argv: list[str], tty_fd: int | None) -> None:
+    """In the forked child: become CMD.  Never returns."""
+    try:
+        os.setpgid(0, 0)
+        if tty_fd is not None:
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            try:
+                os.tcsetpgrp(tty_fd, os.getpgrp())
+            except OSError:
+                pass
+        for sig in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTTOU, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _sys.close_fds_above(3)
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+        what = "command not found" if code == 127 else exc.strerror
+        os.write(2, f"tether: {argv[0]}: {what}\n".encode())
+        os._exit(code)
+    except BaseException:  # noqa: BLE001
+        os._exit(126)
+
+
+def run_holder(spec, control: socket.socket) -> int:
+    """Main loop of pid 1; returns the sandbox's exit code."""
+    _setup_mounts(spec.resolv_conf)
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    pending: list[int] = []
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: pending.append(signum))
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    cmd = os.fork()
+    if cmd == 0:
+        control.close()
+        _exec_command(spec.argv, spec.tty_fd)
+
+    while True:
+        for signum in pending:
+            try:
+                os.kill(cmd, signum)
+            except ProcessLookupError:
+                pass
+        pending.clear()
+        # Reap everything: CMD and any orphan re-parented to us.
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return 0
+            if pid == 0:
+                break
+            if pid == cmd:
+                return exit_code(status)
+        try:
+            readable, _, _ = select.select([wake_r, control], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in readable:
+            try:
+                os.read(wake_r, 512)
+            except BlockingIOError:
+                pass
+        if control in readable:
+            try:
+                data = control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:  # tether is gone: the sandbox goes with it
+                os.kill(cmd, signal.SIGKILL)
+                print("tether: engine exited; stopping the sandbox", file=sys.stderr)
+                return 137

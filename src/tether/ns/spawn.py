@@ -1,0 +1,224 @@
+"""Create a sandbox: user+mount+net+pid namespaces, configured network, a holder as pid 1.
+
+Theory of operation
+-------------------
+Three processes take part::
+
+    tether (host netns, engine)        -- fork -->  spawner  -- fork -->  holder (pid 1)
+      subreaper; receives fds                        unshare(), netns setup     mounts, CMD, reaping
+
+* **tether** marks itself child subreaper and forks the *spawner*.  It stays in the host netns
+  for its whole life: every connection it dials goes out from there.
+* The **spawner** calls ``unshare(USER|NS|NET|PID)``, gets its uid/gid maps written (``uid uid 1``
+  rootless; ``0 uid 1`` with ``--root``; the full range for real root) and — still holding every
+  capability in its new namespaces because it has not exec'd — configures the netns in-process:
+  ``lo`` up, opens ``/dev/net/tun`` (the tun lands in the netns where it is opened), addresses,
+  MTU, default route (rtnetlink), the capture ruleset (libnftables), the engine's listening
+  socket and the NFLOG socket.  It then forks the holder, sends ``ready`` with the fds
+  ``[tun, listener, nflog]`` to tether over the control socketpair (SCM_RIGHTS) and exits; the
+  holder is reparented to tether (subreaper).
+* The **holder** is pid 1 of the new pid namespace: see ``tether.ns.holder``.
+
+Errors in the spawner or holder travel over the control socket as ``{"error": ..., "hint": ...}``
+and become one clear message and exit code 2.  Nothing persists on the host: the namespaces are
+anonymous and die with the last process/fd that pins them; the resolv.conf source lives on a
+tmpfs private to the sandbox's mount namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tether import _sys
+from tether.net import nflog
+from tether.net.nft import NFLOG_GROUP, SandboxNet
+from tether.net.rtnl import Rtnl
+
+MAX_MESSAGE = 65536
+
+
+class SandboxError(Exception):
+    """Creating the sandbox failed; ``hint`` says how to fix the machine when we know."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class SandboxSpec:
+    argv: list[str]
+    ruleset_for_port: Callable[[int], str]  # nft script, given the capture listener's port
+    net: SandboxNet = field(default_factory=SandboxNet)
+    map_root: bool = False
+    tty_fd: int | None = None  # the caller's controlling-terminal fd when it is in the foreground
+    resolv_conf: str = "nameserver 10.0.2.3\n"
+
+
+@dataclass
+class Sandbox:
+    """What tether holds of a running sandbox.  Closing it releases every fd; the namespaces
+    then die with the holder."""
+
+    holder_pid: int
+    control: socket.socket
+    tun: int
+    listener: socket.socket
+    nflog: socket.socket
+    pidfd: int
+
+    def close(self) -> None:
+        for closer in (self.listener.close, self.nflog.close, self.control.close):
+            closer()
+        for fd in (self.tun, self.pidfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def send_message(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+    data = json.dumps(obj).encode()
+    if fds:
+        _sys.send_fds(sock, data, fds)
+    else:
+        sock.send(data)
+
+
+def receive_message(sock: socket.socket, maxfds: int = 8) -> tuple[dict, list[int]]:
+    data, fds = _sys.recv_fds(sock, MAX_MESSAGE, maxfds)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError("control socket closed")
+    return json.loads(data), fds
+
+
+def spawn(spec: SandboxSpec) -> Sandbox:
+    """Start the sandbox and return once its network is ready and CMD is being started."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    _sys.set_child_subreaper()
+    pid = os.fork()
+    if pid == 0:  # spawner
+        parent_end.close()
+        code = 1
+        try:
+            _spawner(spec, child_end)
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+            _report_failure(child_end, exc)
+        finally:
+            os._exit(code)
+    child_end.close()
+    try:
+        msg, fds = receive_message(parent_end)
+        if msg.get("want") == "id_maps":
+            # Written from here, in the parent user namespace: a process may map only its own
+            # uid into a namespace it is inside, and real root wants the full range.
+            try:
+                _sys.write_id_maps(*_id_maps(spec.map_root), pid=str(pid))
+                send_message(parent_end, {"ok": True})
+            except OSError as exc:
+                send_message(parent_end, {"ok": False, "error": f"cannot write uid/gid maps: {exc.strerror}"})
+            msg, fds = receive_message(parent_end)
+    except EOFError:
+        os.waitpid(pid, 0)
+        parent_end.close()
+        raise SandboxError("the sandbox spawner exited without reporting") from None
+    os.waitpid(pid, 0)
+    if "error" in msg:
+        parent_end.close()
+        for fd in fds:
+            os.close(fd)
+        raise SandboxError(msg["error"], msg.get("hint"))
+    tun, listener_fd, nflog_fd = fds
+    holder = msg["holder_pid"]
+    return Sandbox(
+        holder_pid=holder,
+        control=parent_end,
+        tun=tun,
+        listener=socket.socket(fileno=listener_fd),
+        nflog=socket.socket(fileno=nflog_fd),
+        pidfd=_sys.pidfd_open(holder),
+    )
+
+
+def _id_maps(map_root: bool) -> tuple[str, str]:
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0:
+        return "0 0 4294967295\n", "0 0 4294967295\n"
+    inside_uid, inside_gid = (0, 0) if map_root else (uid, gid)
+    return f"{inside_uid} {uid} 1\n", f"{inside_gid} {gid} 1\n"
+
+
+def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
+    try:
+        _sys.unshare(_sys.CLONE_NEWUSER | _sys.CLONE_NEWNS | _sys.CLONE_NEWNET | _sys.CLONE_NEWPID)
+    except OSError as exc:
+        raise SandboxError(
+            f"cannot create user/network namespaces: {exc.strerror}",
+            "enable unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1 "
+            "and user.max_user_namespaces > 0 (on Ubuntu also "
+            "kernel.apparmor_restrict_unprivileged_userns=0)") from None
+    send_message(control, {"want": "id_maps"})
+    reply, _ = receive_message(control, maxfds=1)
+    if not reply.get("ok"):
+        raise SandboxError(reply.get("error", "uid/gid maps refused"))
+    net = spec.net
+    with Rtnl() as rtnl:
+        rtnl.link_up("lo")
+        try:
+            tun = _sys.open_tun("tun0")
+        except OSError as exc:
+            raise SandboxError(f"cannot create the sandbox's tun device: /dev/net/tun: {exc.strerror}",
+                               "allow access to /dev/net/tun: chmod 0666 /dev/net/tun "
+                               "(the default on most distributions)") from None
+        rtnl.link_up("tun0", mtu=net.mtu)
+        rtnl.add_address("tun0", net.address)
+        rtnl.add_route("tun0", ipaddress.IPv4Network("0.0.0.0/0"), net.gateway)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4096)
+    try:
+        nft = _sys.Nftables()
+    except OSError as exc:
+        raise SandboxError(f"cannot load libnftables: {exc}", "install nftables: apt-get install nftables") from None
+    try:
+        nft.run(spec.ruleset_for_port(listener.getsockname()[1]))
+    except OSError as exc:
+        raise SandboxError(f"cannot install the capture ruleset: {exc.strerror or exc}") from None
+    nflog_sock = nflog.open_socket(NFLOG_GROUP)
+
+    holder = os.fork()
+    if holder == 0:
+        from tether.ns.holder import run_holder
+        listener.close()
+        nflog_sock.close()
+        os.close(tun)
+        code = 1
+        try:
+            code = run_holder(spec, control)
+        except BaseException as exc:  # noqa: BLE001
+            _report_failure(control, exc)
+        finally:
+            os._exit(code)
+    send_message(control, {"holder_pid": holder}, [tun, listener.fileno(), nflog_sock.fileno()])
+
+
+def _report_failure(control: socket.socket, exc: BaseException) -> None:
+    if isinstance(exc, SandboxError):
+        msg = {"error": str(exc), "hint": exc.hint}
+    else:
+        msg = {"error": f"internal error in sandbox setup: {exc!r}",
+               "hint": "".join(traceback.format_exception(exc))[-2000:]}
+    try:
+        send_message(control, msg)
+    except OSError:
+        print(f"tether: {msg['error']}", file=sys.stderr)

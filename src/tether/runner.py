@@ -1,0 +1,229 @@
+"""``tether run``: validate, spawn the sandbox, serve its engine until CMD exits, clean up.
+
+Ownership: ``run()`` owns the Sandbox (fds + holder process), the engine and the audit sink,
+and releases all three on every exit path (normal exit, CMD crash, signals, engine error).  The
+namespaces are anonymous: once the holder has exited and these fds are closed, nothing of the
+sandbox remains on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from tether import _sys
+from tether.audit import Audit
+from tether.engine.proxy.engine import ProxyEngine
+from tether.net.nft import Ruleset, SandboxNet, compile_ruleset
+from tether.net.rtnl import Rtnl
+from tether.ns.holder import FORWARDED_SIGNALS, exit_code
+from tether.ns.spawn import Sandbox, SandboxError, SandboxSpec, receive_message, spawn
+from tether.policy import Policy, build_policy, load_policy_file
+
+EXIT_USAGE = 2
+
+
+class RunError(Exception):
+    """Refused before anything started; exit code 2."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class RunOptions:
+    argv: list[str]
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+    default: str | None = None
+    policy_file: str | None = None
+    allow_host: list[int] = field(default_factory=list)
+    log: str | None = None
+    mtu: int = 65520
+    map_root: bool = False
+    name: str | None = None
+    verbose: bool = False
+
+
+def check_prerequisites() -> None:
+    """One clear message per missing piece, before any process is forked."""
+    if os.getuid() != 0:
+        for path, bad, hint in (
+            ("/proc/sys/kernel/unprivileged_userns_clone", "0", "sysctl -w kernel.unprivileged_userns_clone=1"),
+            ("/proc/sys/user/max_user_namespaces", "0", "sysctl -w user.max_user_namespaces=15000"),
+            ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+             "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
+        ):
+            try:
+                with open(path) as f:
+                    if f.read().strip() == bad:
+                        raise RunError("unprivileged user namespaces are disabled on this machine", hint)
+            except FileNotFoundError:
+                pass
+    if not os.path.exists("/dev/net/tun"):
+        raise RunError("/dev/net/tun is missing (no tun support)", "modprobe tun")
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        raise RunError("no access to /dev/net/tun", "chmod 0666 /dev/net/tun (the default on most distributions)")
+    if not _sys.nftables_available():
+        raise RunError("libnftables is not installed", "apt-get install nftables")
+
+
+def _build_policy(opts: RunOptions) -> Policy:
+    from tether.policy import PolicyFileError, RuleError
+    try:
+        spec = load_policy_file(opts.policy_file) if opts.policy_file else None
+        with Rtnl() as rtnl:
+            host_addresses = rtnl.addresses()
+        return build_policy(spec, opts.allow, opts.deny, opts.default, host_addresses)
+    except (RuleError, PolicyFileError) as exc:
+        raise RunError(str(exc)) from None
+    except OSError as exc:
+        raise RunError(f"cannot read policy file: {exc}") from None
+
+
+def _open_log(path: str | None) -> TextIO | None:
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stderr
+    try:
+        return open(path, "a", buffering=1)
+    except OSError as exc:
+        raise RunError(f"cannot open audit log {path}: {exc.strerror}") from None
+
+
+def _foreground_tty() -> int | None:
+    """The fd of our controlling terminal if we are its foreground job (CMD then takes it)."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return fd
+        except OSError:
+            continue
+    return None
+
+
+def run(opts: RunOptions) -> int:
+    if not opts.argv:
+        raise RunError("no command given", "usage: tether run [OPTIONS] -- CMD [ARGS...]")
+    for port in opts.allow_host:
+        if not 1 <= port <= 65535:
+            raise RunError(f"bad --allow-host port {port}: must be 1-65535")
+    if not 576 <= opts.mtu <= 65520:
+        raise RunError(f"bad --mtu {opts.mtu}: must be 576-65520")
+    policy = _build_policy(opts)
+    check_prerequisites()
+    net = SandboxNet(mtu=opts.mtu)
+    name = opts.name or f"sbx-{os.getpid()}"
+    rules = policy.ordered_rules()
+    ruleset = compile_ruleset(rules, policy.default, 0, opts.allow_host, net)
+    sink = _open_log(opts.log)
+    audit = Audit(name, sink)
+    tty_fd = _foreground_tty()
+    spec = SandboxSpec(
+        argv=opts.argv,
+        ruleset_for_port=lambda port: compile_ruleset(rules, policy.default, port, opts.allow_host, net).script,
+        net=net,
+        map_root=opts.map_root,
+        tty_fd=tty_fd,
+    )
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we write to the tty while CMD owns it
+    _sys.raise_fd_limit()
+    try:
+        sandbox = spawn(spec)
+    except SandboxError as exc:
+        audit.close()
+        raise RunError(str(exc), exc.hint) from None
+    if opts.verbose:
+        print(f"tether: sandbox {name} started (holder pid {sandbox.holder_pid})", file=sys.stderr)
+    try:
+        engine = ProxyEngine(listener=sandbox.listener, nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy,
+                             ruleset=ruleset, audit=audit, allow_host_ports=frozenset(opts.allow_host), net=net)
+        return asyncio.run(_serve(sandbox, engine))
+    finally:
+        _reap(sandbox.holder_pid)
+        sandbox.close()
+        audit.close()
+        if tty_fd is not None:
+            try:
+                os.tcsetpgrp(tty_fd, os.getpgrp())
+            except OSError:
+                pass
+
+
+async def _serve(sandbox: Sandbox, engine: ProxyEngine) -> int:
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[int] = loop.create_future()
+    failure: list[str] = []
+
+    def forward(sig: int) -> None:
+        try:
+            os.kill(sandbox.holder_pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def on_holder_exit() -> None:
+        loop.remove_reader(sandbox.pidfd)
+        try:
+            _, status = os.waitpid(sandbox.holder_pid, 0)
+        except ChildProcessError:
+            status = 1 << 8
+        if not finished.done():
+            finished.set_result(exit_code(status))
+
+    def on_control() -> None:
+        try:
+            msg, fds = receive_message(sandbox.control)
+        except (EOFError, OSError, ValueError):
+            loop.remove_reader(sandbox.control.fileno())
+            return
+        for fd in fds:
+            os.close(fd)
+        if "error" in msg:
+            failure.append(msg["error"] + (f"\n  hint: {msg['hint']}" if msg.get("hint") else ""))
+
+    for sig in FORWARDED_SIGNALS:
+        loop.add_signal_handler(sig, forward, sig)
+    loop.add_reader(sandbox.pidfd, on_holder_exit)
+    loop.add_reader(sandbox.control.fileno(), on_control)
+    engine.start()
+    try:
+        code = await finished
+    finally:
+        engine.close()
+        loop.remove_reader(sandbox.control.fileno())
+        for sig in FORWARDED_SIGNALS:
+            loop.remove_signal_handler(sig)
+    on_control_drain(sandbox, failure)
+    if failure:
+        print(f"tether: {failure[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+def on_control_drain(sandbox: Sandbox, failure: list[str]) -> None:
+    """Collect an error the holder reported just before exiting."""
+    sandbox.control.setblocking(False)
+    try:
+        msg, fds = receive_message(sandbox.control)
+    except (BlockingIOError, EOFError, OSError, ValueError):
+        return
+    for fd in fds:
+        os.close(fd)
+    if "error" in msg:
+        failure.append(msg["error"] + (f"\n  hint: {msg['hint']}" if msg.get("hint") else ""))
+
+
+def _reap(pid: int) -> None:
+    """Make sure the holder is gone (it is, unless the engine itself failed)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass
