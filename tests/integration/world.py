@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE)) if str(HERE) not in sys.path else None
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 import servers  # noqa: E402  (sibling module, also run as a script in the world)
 
 VENV = Path("/opt/tether/venv")

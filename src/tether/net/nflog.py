@@ -23,7 +23,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = NFNL_SUBSYS_ULOG << 8 | 0
 NFULNL_MSG_CONFIG = NFNL_SUBSYS_ULOG << 8 | 1
-NFULA_CFG_CMD, NFULA_CFG_MODE = 1, 2
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH = 1, 2, 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_PAYLOAD, NFULA_PREFIX = 9, 10
@@ -39,7 +39,9 @@ def encode_bind(seq: int, group: int) -> bytes:
 
 def encode_copy_mode(seq: int, group: int, copy_range: int = COPY_RANGE) -> bytes:
     mode = struct.pack("!IBx", copy_range, NFULNL_COPY_PACKET)
-    body = _NFGENMSG.pack(socket.AF_UNSPEC, 0, group) + attr(NFULA_CFG_MODE, mode)
+    # Queue threshold 1: deliver each refusal at once (the kernel default batches for up to 1 s).
+    body = (_NFGENMSG.pack(socket.AF_UNSPEC, 0, group) + attr(NFULA_CFG_MODE, mode)
+            + attr(NFULA_CFG_QTHRESH, struct.pack("!I", 1)))
     return message(NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
