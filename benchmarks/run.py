@@ -529,9 +529,9 @@ def measure_iperf(c: Contender, reverse: bool, args) -> dict:
     srv = c.topo.iperf_server()
     try:
         argv = ["iperf3", "-c", WORLD_IP, "-p", str(IPERF_PORT), "-t", str(args.duration),
-                "-O", str(args.omit), "-J", "--connect-timeout", "5000", "--rcv-timeout", "15000"]
+                "-O", str(args.omit), "-J", "--connect-timeout", "5000"]
         if reverse:
-            argv.append("-R")
+            argv += ["-R", "--rcv-timeout", "15000"]
         r = run(c.wrap(argv), timeout=args.duration + args.omit + 30, env=c.env())
     finally:
         try:
@@ -635,7 +635,7 @@ def summarize(res: dict) -> tuple[dict, list[dict]]:
     ratios: dict = {}
     targets: list[dict] = []
     tether_ok = C.get("tether", {}).get("status") == "ok"
-    why = "" if tether_ok else f"tether not measured: {C.get('tether', {}).get('note') or 'not selected'}"
+    why = "" if tether_ok else f"tether not measured: {oneline(C.get('tether', {}).get('note') or 'not selected', 160)}"
 
     def verdict(ok):
         if ok is None:
@@ -673,6 +673,12 @@ def summarize(res: dict) -> tuple[dict, list[dict]]:
     return ratios, targets
 
 
+def oneline(s, n: int = 200) -> str:
+    """One table-safe line; keeps the end of long texts (where tracebacks say what went wrong)."""
+    s = " ".join(str(s).replace("|", "/").split())
+    return s if len(s) <= n else "…" + s[-n:]
+
+
 def fmt(x, spec, dash="—"):
     return dash if x is None else format(x, spec)
 
@@ -691,7 +697,7 @@ def docs_block(res: dict, json_name: str) -> str:
     lines.append("|---|---:|---:|---:|---:|---:|")
     for k, c in res["contenders"].items():
         if c["status"] != "ok":
-            note = " ".join(str(c.get("note", "")).replace("|", "/").split())[:200]
+            note = oneline(c.get("note", ""))
             lines.append(f"| {c['label']} | {c['status']}: {note} | | | | |")
             continue
         t = c.get("throughput", {})
@@ -708,7 +714,7 @@ def docs_block(res: dict, json_name: str) -> str:
     if errs:
         lines.append("")
         lines.append("Errors during the run: " + "; ".join(
-            f"{l}: {' '.join(e.replace('|', '/').split())[:200]}" for l, e in errs[:8]))
+            f"{l}: {oneline(e)}" for l, e in errs[:8]))
     lines.append("")
     lines.append("| tether target | measured | result |")
     lines.append("|---|---|---|")

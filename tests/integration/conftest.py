@@ -52,12 +52,15 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+pytest.register_assert_rewrite("world")
+
 from world import (  # noqa: E402
     NAME_RE,
     SANDBOX_PYTHON,
     TETHER_BIN,
     World,
     all_pids,
+    describe,
     cgroup_kill,
     cgroup_pids,
     netns_list,
@@ -340,11 +343,6 @@ class TetherRunner:
                 proc.popen.communicate(timeout=10)
 
 
-def describe(r: subprocess.CompletedProcess) -> str:
-    return (f"argv: {' '.join(map(str, r.args))}\nexit: {r.returncode}\n"
-            f"--- stdout ---\n{r.stdout[-4000:]}\n--- stderr ---\n{r.stderr[-4000:]}")
-
-
 @pytest.fixture
 def tether(world, mode, workdir, run_cgroup):
     runner = TetherRunner(world, mode, workdir, run_cgroup)
@@ -406,7 +404,6 @@ def _find_leaks(before: Snapshot, after: Snapshot, world: World, cgroup: Path | 
     problems: list[str] = []
     found: dict = {"pids": set(), "nft_host": set(), "nft_root": set(), "links": set()}
     test_uid = pwd.getpwnam(TEST_USER).pw_uid
-    own_cg = str(cgroup)[len(str(cgroup).split("/tether-it-")[0]):] if cgroup else None
 
     for pid in cgroup_pids(cgroup):
         found["pids"].add(pid)
@@ -414,9 +411,8 @@ def _find_leaks(before: Snapshot, after: Snapshot, world: World, cgroup: Path | 
     for pid, st in after.procs - before.procs:
         if pid in found["pids"] or proc_start_time(pid) != st:
             continue
-        cg = proc_cgroup(pid) or ""
-        in_other_test = "/tether-it-" in cg and (own_cg is None or not cg.endswith(own_cg))
-        if in_other_test:
+        cg = (proc_cgroup(pid) or "") + "/"
+        if "/tether-it-" in cg and f"/tether-it-{world.id}/" not in cg:
             continue  # a concurrent test session's process
         if proc_uid(pid) == test_uid or _has_env_marker(pid, world.id):
             found["pids"].add(pid)

@@ -83,6 +83,12 @@ def sh(argv: list[str], *, check: bool = True, timeout: float = 30, **kw) -> sub
     return r
 
 
+def describe(r: subprocess.CompletedProcess) -> str:
+    """argv, exit status and output tails of a finished run, for assertion messages."""
+    return (f"argv: {' '.join(map(str, r.args))}\nexit: {r.returncode}\n"
+            f"--- stdout ---\n{r.stdout[-4000:]}\n--- stderr ---\n{r.stderr[-4000:]}")
+
+
 def proc_start_time(pid: int) -> int | None:
     """Start time (clock ticks since boot) of a pid, or None if it is gone."""
     try:
@@ -679,3 +685,62 @@ print(json.dumps({
     "resolv": resolv,
 }))
 """
+
+
+# --------------------------------------------------------------------------------------------
+# audit events
+
+EVENT_KEYS = ("ts", "sandbox", "event", "proto", "src", "dst", "rule", "verdict",
+              "bytes_up", "bytes_down", "duration_ms")
+
+
+def check_event(ev: dict) -> None:
+    """Every event carries the contract's keys with sane types."""
+    missing = [k for k in EVENT_KEYS if k not in ev]
+    assert not missing, f"audit event lacks {missing}: {ev}"
+    assert ev["event"] in ("connect", "deny", "close", "error"), ev
+    assert ev["verdict"] in ("allow", "deny"), ev
+    assert isinstance(ev["sandbox"], str) and ev["sandbox"], ev
+    assert isinstance(ev["rule"], str) and ev["rule"], ev
+    for k in ("src", "dst"):
+        assert isinstance(ev[k], str) and re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[0-9.]+):\d+", ev[k]), (k, ev)
+    for k in ("bytes_up", "bytes_down", "duration_ms"):
+        assert isinstance(ev[k], (int, float)) and not isinstance(ev[k], bool) and ev[k] >= 0, (k, ev)
+
+
+def select_events(events: list[dict], **match) -> list[dict]:
+    return [ev for ev in events if all(ev.get(k) == v for k, v in match.items())]
+
+
+# --------------------------------------------------------------------------------------------
+# assertions shared by the scenario tests
+
+
+def probe(tether, targets, opts=()):
+    """Connect to each "addr:port" from inside the sandbox: {target: {"ok", "errno", ...}}."""
+    res, r = tether.python_json(PROBE_CONNECT, *targets, opts=opts)
+    return {x["target"]: x for x in res}, r
+
+
+def assert_refused(result: dict, r):
+    assert not result["ok"] and result["errno"] == "ECONNREFUSED", \
+        f"{result['target']}: expected ECONNREFUSED, got {result}\n{describe(r)}"
+
+
+def assert_connected(result: dict, r):
+    assert result["ok"], f"{result['target']}: expected a connection, got {result}\n{describe(r)}"
+
+
+def one_deny(events, dst, rule=None):
+    """Exactly one deny event for dst (naming ``rule`` if given) and no connect event."""
+    for ev in events:
+        check_event(ev)
+    denies = select_events(events, event="deny", dst=dst)
+    assert len(denies) == 1, f"want one deny event for {dst}, got {denies}\nall events: {events}"
+    ev = denies[0]
+    assert ev["verdict"] == "deny" and ev["proto"] == "tcp", ev
+    if rule is not None:
+        assert ev["rule"] == rule, f"deny event for {dst} names rule {ev['rule']!r}, want {rule!r}: {ev}"
+    assert ev["src"].startswith(SANDBOX_ADDR + ":"), ev
+    assert not select_events(events, event="connect", dst=dst), f"a denied {dst} was also connected: {events}"
+    return ev

@@ -108,7 +108,7 @@ class Pump:
                     self.pair.loop.add_writer(self.dst_fd, self._on_writable)
                     return
             self._after_drain()
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a failure (even a bug) ends this pair only
             self.pair.abort(exc)
 
     def _on_writable(self) -> None:
@@ -118,7 +118,7 @@ class Pump:
                 if not self.eof:
                     self.pair.loop.add_reader(self.src_fd, self._on_readable)
                 self._after_drain()
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a failure (even a bug) ends this pair only
             self.pair.abort(exc)
 
     def _flush(self) -> bool:
