@@ -18,9 +18,11 @@ of TCP is reimplemented here).  For each accepted socket:
 5. relay with ``RelayPair`` (splice), ``connect`` event on success, ``close`` event with the
    byte counts and duration when both directions are finished.
 
-Every connection is a task guarded by its own try/except: a failure in one (even a bug) is
-logged as an ``error`` event and resets only that connection.  The proxy owns the listener's
-reader registration, the live pairs and their pipes; ``close()`` resets every live connection.
+Connections are driven by readiness callbacks (no task per connection: this is the
+short-connection latency path), each guarded by its own try/except: a failure in one (even a
+bug) is logged as an ``error`` event and resets only that connection.  The proxy owns the
+listener's reader registration, the flows being dialled or relayed and their pipes; ``close()``
+resets every live connection.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tether import _sys
 from tether.audit import Audit, format_endpoint
@@ -50,12 +53,17 @@ class TcpStats:
     bytes_down: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: flows live in sets
 class _Flow:
-    src: str
-    dst: str
-    rule: str
+    """One captured connection from accept to close."""
+
+    conn: socket.socket
     started: float
+    src: str = "?"
+    dst: str = "?"
+    rule: str = "?"
+    upstream: socket.socket | None = None
+    timer: asyncio.TimerHandle | None = None
     pair: RelayPair | None = None
 
 
@@ -71,8 +79,8 @@ class TcpProxy:
         self.connect_timeout = connect_timeout
         self.stats = TcpStats()
         self.pool = PipePool()
-        self._tasks: set[asyncio.Task] = set()
-        self._pairs: set[RelayPair] = set()
+        self._dialling: set[_Flow] = set()
+        self._relaying: set[_Flow] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -81,12 +89,14 @@ class TcpProxy:
         self._loop.add_reader(self.listener.fileno(), self._on_acceptable)
 
     def close(self) -> None:
+        """Reset every connection still dialling or relaying."""
         if self._loop is not None:
             self._loop.remove_reader(self.listener.fileno())
-        for task in list(self._tasks):
-            task.cancel()
-        for pair in list(self._pairs):
-            pair.abort(ConnectionAbortedError("sandbox stopped"))
+        for flow in list(self._dialling):
+            self._dial_failed(flow, "sandbox stopped")
+        for flow in list(self._relaying):
+            assert flow.pair is not None
+            flow.pair.abort(ConnectionAbortedError("sandbox stopped"))
         self.pool.close()
 
     def _on_acceptable(self) -> None:
@@ -100,9 +110,11 @@ class TcpProxy:
                     return
                 raise
             self.stats.accepted += 1
-            task = asyncio.ensure_future(self._handle(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            flow = _Flow(conn, time.monotonic())
+            try:
+                self._start(flow)
+            except Exception as exc:  # noqa: BLE001 - one connection's failure stays its own
+                self._fail(flow, f"internal: {exc!r}")
 
     def _decide(self, addr: str, port: int) -> tuple[Decision, tuple[str, int]]:
         """(decision, address to dial) for an original destination."""
@@ -115,62 +127,81 @@ class TcpProxy:
             return Decision("deny", GATEWAY_RULE), (addr, port)
         return self.policy.evaluate("tcp", ip, port), (addr, port)
 
-    async def _handle(self, conn: socket.socket) -> None:
-        started = time.monotonic()
-        src = dst = "?"
-        rule = "?"
-        upstream: socket.socket | None = None
+    def _start(self, flow: _Flow) -> None:
+        """Decide and start a non-blocking dial (callbacks, not a task per connection: this
+        is the short-connection latency path)."""
+        conn = flow.conn
+        conn.setblocking(False)
+        peer = conn.getpeername()
+        flow.src = format_endpoint(peer[0], peer[1])
+        addr, port = _sys.original_destination(conn)
+        flow.dst = format_endpoint(addr, port)
+        decision, target = self._decide(addr, port)
+        flow.rule = decision.rule
+        if decision.verdict == "deny":
+            _reset(conn)
+            self.audit.emit("deny", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="deny")
+            return
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        upstream = flow.upstream = socket.socket(family, socket.SOCK_STREAM)
+        upstream.setblocking(False)
+        err = upstream.connect_ex(target)
+        if err == 0:
+            self._connected(flow)
+        elif err == errno.EINPROGRESS:
+            assert self._loop is not None
+            self._dialling.add(flow)
+            self._loop.add_writer(upstream.fileno(), self._on_dialled, flow)
+            flow.timer = self._loop.call_later(self.connect_timeout, self._dial_failed, flow, "timeout")
+        else:
+            self._fail(flow, os.strerror(err))
+
+    def _on_dialled(self, flow: _Flow) -> None:
+        assert flow.upstream is not None and self._loop is not None
+        self._loop.remove_writer(flow.upstream.fileno())
+        self._dialling.discard(flow)
+        if flow.timer is not None:
+            flow.timer.cancel()
         try:
-            conn.setblocking(False)
-            peer = conn.getpeername()
-            src = format_endpoint(peer[0], peer[1])
-            addr, port = _sys.original_destination(conn)
-            dst = format_endpoint(addr, port)
-            decision, target = self._decide(addr, port)
-            rule = decision.rule
-            if decision.verdict == "deny":
-                _reset(conn)
-                self.audit.emit("deny", proto="tcp", src=src, dst=dst, rule=rule, verdict="deny")
-                return
-            family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-            upstream = socket.socket(family, socket.SOCK_STREAM)
-            upstream.setblocking(False)
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    await asyncio.get_running_loop().sock_connect(upstream, target)
-            except (OSError, TimeoutError) as exc:
-                reason = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-                upstream.close()
-                upstream = None
-                _reset(conn)
-                self.audit.emit("error", proto="tcp", src=src, dst=dst, rule=rule, verdict="allow",
-                                duration_ms=(time.monotonic() - started) * 1000, reason=reason)
-                return
-            for sock in (conn, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.audit.emit("connect", proto="tcp", src=src, dst=dst, rule=rule, verdict="allow")
-            flow = _Flow(src, dst, rule, started)
-            pair = RelayPair(asyncio.get_running_loop(), self.pool, conn, upstream,
-                             lambda p, err: self._on_pair_closed(flow, p, err))
-            flow.pair = pair
-            self._pairs.add(pair)
-            self.stats.live += 1
-            upstream = None
-            pair.start()
-        except asyncio.CancelledError:
-            _reset(conn)
-            if upstream is not None:
-                upstream.close()
-            raise
-        except Exception as exc:  # noqa: BLE001 - one connection's failure stays its own
-            _reset(conn)
-            if upstream is not None:
-                upstream.close()
-            self.audit.emit("error", proto="tcp", src=src, dst=dst, rule=rule, verdict="allow",
-                            duration_ms=(time.monotonic() - started) * 1000, reason=f"internal: {exc!r}")
+            err = flow.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail(flow, os.strerror(err))
+            else:
+                self._connected(flow)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(flow, f"internal: {exc!r}")
+
+    def _dial_failed(self, flow: _Flow, reason: str) -> None:
+        if flow not in self._dialling:
+            return
+        self._dialling.discard(flow)
+        if flow.upstream is not None and self._loop is not None:
+            self._loop.remove_writer(flow.upstream.fileno())
+        self._fail(flow, reason)
+
+    def _fail(self, flow: _Flow, reason: str) -> None:
+        """Upstream refused, unreachable, timed out, or a bug: reset the sandbox side at once."""
+        if flow.timer is not None:
+            flow.timer.cancel()
+        if flow.upstream is not None:
+            flow.upstream.close()
+        _reset(flow.conn)
+        self.audit.emit("error", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow",
+                        duration_ms=(time.monotonic() - flow.started) * 1000, reason=reason)
+
+    def _connected(self, flow: _Flow) -> None:
+        assert flow.upstream is not None and self._loop is not None
+        for sock in (flow.conn, flow.upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.audit.emit("connect", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow")
+        flow.pair = RelayPair(self._loop, self.pool, flow.conn, flow.upstream,
+                              lambda pair, error: self._on_pair_closed(flow, pair, error))
+        self._relaying.add(flow)
+        self.stats.live += 1
+        flow.pair.start()
 
     def _on_pair_closed(self, flow: _Flow, pair: RelayPair, error: BaseException | None) -> None:
-        self._pairs.discard(pair)
+        self._relaying.discard(flow)
         self.stats.live -= 1
         self.stats.bytes_up += pair.bytes_up
         self.stats.bytes_down += pair.bytes_down
