@@ -21,7 +21,7 @@ from tether.engine.proxy.engine import ProxyEngine
 from tether.net.nft import Ruleset, SandboxNet, compile_ruleset
 from tether.net.rtnl import Rtnl
 from tether.ns.holder import FORWARDED_SIGNALS, exit_code
-from tether.ns.spawn import Sandbox, SandboxError, SandboxSpec, receive_message, spawn
+from tether.ns.spawn import Sandbox, SandboxError, SandboxSpec, receive_message, send_message, spawn
 from tether.policy import Policy, build_policy, load_policy_file
 
 EXIT_USAGE = 2
@@ -144,7 +144,7 @@ def run(opts: RunOptions) -> int:
     try:
         engine = ProxyEngine(listener=sandbox.listener, nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy,
                              ruleset=ruleset, audit=audit, allow_host_ports=frozenset(opts.allow_host), net=net)
-        return asyncio.run(_serve(sandbox, engine))
+        return asyncio.run(_serve(sandbox, engine, tty_fd))
     finally:
         _reap(sandbox.holder_pid)
         sandbox.close()
@@ -156,7 +156,24 @@ def run(opts: RunOptions) -> int:
                 pass
 
 
-async def _serve(sandbox: Sandbox, engine: ProxyEngine) -> int:
+def _stop_with_command(sandbox: Sandbox, tty_fd: int | None) -> None:
+    """CMD was stopped from the terminal (Ctrl-Z): stop tether too, so the shell regains the
+    terminal and lists a stopped job; when continued, resume CMD (with the terminal on ``fg``)."""
+    if tty_fd is None:
+        return
+    try:
+        os.tcsetpgrp(tty_fd, os.getpgrp())
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell sends SIGCONT
+    try:
+        foreground = os.tcgetpgrp(tty_fd) == os.getpgrp()
+    except OSError:
+        foreground = False
+    send_message(sandbox.control, {"continue": True, "foreground": foreground})
+
+
+async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> int:
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[int] = loop.create_future()
     failure: list[str] = []
@@ -186,6 +203,8 @@ async def _serve(sandbox: Sandbox, engine: ProxyEngine) -> int:
             os.close(fd)
         if "error" in msg:
             failure.append(msg["error"] + (f"\n  hint: {msg['hint']}" if msg.get("hint") else ""))
+        elif "stopped" in msg:
+            _stop_with_command(sandbox, tty_fd)
 
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, forward, sig)

@@ -16,7 +16,10 @@ execs).  It:
    signals tether relays to it (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) to CMD, and
    exits with CMD's status (128+N when CMD died of signal N) as soon as CMD is gone.  When pid 1
    exits the kernel kills whatever else is left in the namespace.
-4. If tether dies (the control socket reaches EOF) the holder kills CMD and exits: a sandbox
+4. Job control: when CMD stops (Ctrl-Z) and tether owns a terminal, the holder tells tether,
+   which takes the terminal back and stops itself, so the user's shell sees a stopped job; on
+   ``fg`` tether asks the holder to return the terminal to CMD and continue it.
+5. If tether dies (the control socket reaches EOF) the holder kills CMD and exits: a sandbox
    never outlives its engine.
 
 The control socket is the holder's link to tether; later issues use it to create sockets
@@ -26,6 +29,7 @@ inside the netns on demand.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import select
 import signal
@@ -108,6 +112,7 @@ def run_holder(spec, control: socket.socket) -> int:
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, lambda signum, _frame: pending.append(signum))
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we hand the terminal around from the background
 
     cmd = os.fork()
     if cmd == 0:
@@ -124,12 +129,15 @@ def run_holder(spec, control: socket.socket) -> int:
         # Reap everything: CMD and any orphan re-parented to us.
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
             except ChildProcessError:
                 return 0
             if pid == 0:
                 break
-            if pid == cmd:
+            if pid == cmd and os.WIFSTOPPED(status):
+                if spec.tty_fd is not None:  # Ctrl-Z: tether stops too, so the shell gets the tty back
+                    _send(control, {"stopped": os.WSTOPSIG(status)})
+            elif pid == cmd:
                 return exit_code(status)
         try:
             readable, _, _ = select.select([wake_r, control], [], [])
@@ -149,3 +157,30 @@ def run_holder(spec, control: socket.socket) -> int:
                 os.kill(cmd, signal.SIGKILL)
                 print("tether: engine exited; stopping the sandbox", file=sys.stderr)
                 return 137
+            _on_request(data, cmd, spec.tty_fd)
+
+
+def _send(control: socket.socket, message: dict) -> None:
+    try:
+        control.send(json.dumps(message).encode())
+    except OSError:
+        pass
+
+
+def _on_request(data: bytes, cmd: int, tty_fd: int | None) -> None:
+    """Requests from tether.  ``continue``: tether was resumed after a Ctrl-Z; give CMD the
+    terminal back when tether is the foreground job again (``fg``, not ``bg``), then SIGCONT."""
+    try:
+        request = json.loads(data)
+    except ValueError:
+        return
+    if request.get("continue"):
+        if tty_fd is not None and request.get("foreground"):
+            try:
+                os.tcsetpgrp(tty_fd, cmd)
+            except OSError:
+                pass
+        try:
+            os.killpg(cmd, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
