@@ -64,6 +64,8 @@ def parse_ip_packet(packet: bytes) -> tuple[str, tuple[str, int], tuple[str, int
         if len(packet) < 20:
             raise ValueError("truncated IPv4 header")
         header_len = (packet[0] & 0x0F) * 4
+        if header_len < 20:
+            raise ValueError(f"bad IPv4 header length {header_len}")
         proto_num = packet[9]
         src, dst = ipaddress.IPv4Address(packet[12:16]), ipaddress.IPv4Address(packet[16:20])
     elif version == 6:

@@ -58,10 +58,10 @@ class Ruleset:
         """Map an NFLOG prefix (``tether:K``) back to the rule text it stands for."""
         if not prefix.startswith(LOG_PREFIX):
             return None
-        try:
-            return self.labels[int(prefix[len(LOG_PREFIX):])]
-        except (ValueError, IndexError):
+        index = prefix[len(LOG_PREFIX):]
+        if not (index.isascii() and index.isdigit()) or int(index) >= len(self.labels):
             return None
+        return self.labels[int(index)]
 
 
 GATEWAY_RULE = "gateway"

@@ -117,6 +117,8 @@ def parse_attrs(body: bytes) -> Iterator[tuple[int, bytes]]:
 
 def parse_address(body: bytes) -> IPAddress | None:
     """The address carried by an RTM_NEWADDR body (IFA_LOCAL preferred, as ``ip`` does)."""
+    if len(body) < _IFADDRMSG.size:
+        raise ValueError("truncated ifaddrmsg")
     family = body[0]
     found: dict[int, bytes] = dict(parse_attrs(body[_IFADDRMSG.size:]))
     raw = found.get(IFA_LOCAL) or found.get(IFA_ADDRESS)
@@ -127,6 +129,8 @@ def parse_address(body: bytes) -> IPAddress | None:
 
 def error_code(body: bytes) -> int:
     """errno of an NLMSG_ERROR (0 is the ACK)."""
+    if len(body) < 4:
+        raise ValueError("truncated NLMSG_ERROR")
     return -struct.unpack_from("=i", body)[0]
 
 

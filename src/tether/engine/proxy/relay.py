@@ -37,7 +37,7 @@ PIPE_SIZE = 1 << 20
 CHUNK = PIPE_SIZE
 SPLICE_FLAGS = _sys.SPLICE_F_MOVE | _sys.SPLICE_F_NONBLOCK
 ROUNDS_PER_WAKEUP = 16
-POOL_LIMIT = 64
+POOL_LIMIT = 16  # idle 1 MiB pipes kept; the default per-user pipe budget is 64 MiB
 
 
 class PipePool:
@@ -155,6 +155,8 @@ class RelayPair:
         self.loop = loop
         self.pool = pool
         self.inside, self.outside = inside, outside
+        inside.setblocking(False)  # a blocking splice would stall every other connection
+        outside.setblocking(False)
         self.up = Pump(self, inside, outside)
         self.down = Pump(self, outside, inside)
         self._on_close = on_close
