@@ -134,10 +134,14 @@ def run(opts: RunOptions) -> int:
     )
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we write to the tty while CMD owns it
     _sys.raise_fd_limit()
+    # Signals that must reach CMD stay pending (not lost, not fatal to tether) until the event
+    # loop's handlers forward them; the holder unblocks them once its own handlers are in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
         sandbox = spawn(spec)
     except SandboxError as exc:
         audit.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         raise RunError(str(exc), exc.hint) from None
     if opts.verbose:
         print(f"tether: sandbox {name} started (holder pid {sandbox.holder_pid})", file=sys.stderr)
@@ -208,6 +212,7 @@ async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> i
 
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, forward, sig)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     loop.add_reader(sandbox.pidfd, on_holder_exit)
     loop.add_reader(sandbox.control.fileno(), on_control)
     engine.start()

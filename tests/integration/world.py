@@ -32,7 +32,6 @@ import os
 import re
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -261,9 +260,16 @@ class ServerProcess:
         buf = bytearray()
         line = read_line(self.proc.stdout.fileno(), time.monotonic() + 20, buf)
         if not line:
+            if self.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                _out, err = self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                err = b""
             self.stop()
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-            raise WorldError(f"servers did not signal ready: {' '.join(argv)}\n{err}")
+            raise WorldError(f"servers did not signal ready (exit {self.proc.returncode}): {' '.join(argv)}\n"
+                             f"{err.decode(errors='replace')}")
         info = json.loads(line)
         self.ports: dict[str, int] = info["ports"]
         self.pid: int = info["pid"]

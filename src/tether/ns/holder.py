@@ -113,6 +113,7 @@ def run_holder(spec, control: socket.socket) -> int:
         signal.signal(sig, lambda signum, _frame: pending.append(signum))
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we hand the terminal around from the background
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # blocked by tether until now
 
     cmd = os.fork()
     if cmd == 0:
