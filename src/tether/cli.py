@@ -29,6 +29,8 @@ def main() -> None:
 @click.option("--allow-host", "allow_host", multiple=True, type=int, metavar="PORT",
               help="Make the host's 127.0.0.1:PORT reachable as 10.0.2.2:PORT. Repeatable.")
 @click.option("--log", "log", metavar="PATH", help="Write every connection decision as JSON lines (- for stderr).")
+@click.option("--connect-timeout", type=click.FloatRange(min=0.1, max=3600), default=10.0, show_default=True,
+              metavar="SECONDS", help="Give up dialling a destination after this long (the sandboxed client gets a reset).")
 @click.option("--mtu", type=int, default=65520, show_default=True, help="MTU of the sandbox's tun0.")
 @click.option("--root", "map_root", is_flag=True, help="Map your uid to 0 inside the sandbox.")
 @click.option("--name", metavar="NAME", help="Sandbox name (audit events; default sbx-PID).")

@@ -45,6 +45,7 @@ class RunOptions:
     allow_host: list[int] = field(default_factory=list)
     log: str | None = None
     mtu: int = 65520
+    connect_timeout: float = 10.0
     map_root: bool = False
     name: str | None = None
     verbose: bool = False
@@ -52,19 +53,22 @@ class RunOptions:
 
 def check_prerequisites() -> None:
     """One clear message per missing piece, before any process is forked."""
+    switches = [("/proc/sys/user/max_user_namespaces", "0", "user namespaces are disabled on this machine",
+                 "sysctl -w user.max_user_namespaces=15000")]
     if os.getuid() != 0:
-        for path, bad, hint in (
-            ("/proc/sys/kernel/unprivileged_userns_clone", "0", "sysctl -w kernel.unprivileged_userns_clone=1"),
-            ("/proc/sys/user/max_user_namespaces", "0", "sysctl -w user.max_user_namespaces=15000"),
+        switches += [
+            ("/proc/sys/kernel/unprivileged_userns_clone", "0", "unprivileged user namespaces are disabled",
+             "sysctl -w kernel.unprivileged_userns_clone=1"),
             ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
-             "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
-        ):
-            try:
-                with open(path) as f:
-                    if f.read().strip() == bad:
-                        raise RunError("unprivileged user namespaces are disabled on this machine", hint)
-            except FileNotFoundError:
-                pass
+             "AppArmor restricts unprivileged user namespaces", "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
+        ]
+    for path, bad, message, hint in switches:
+        try:
+            with open(path) as f:
+                if f.read().strip() == bad:
+                    raise RunError(message, hint)
+        except FileNotFoundError:
+            pass
     if not os.path.exists("/dev/net/tun"):
         raise RunError("/dev/net/tun is missing (no tun support)", "modprobe tun")
     if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
@@ -147,7 +151,8 @@ def run(opts: RunOptions) -> int:
         print(f"tether: sandbox {name} started (holder pid {sandbox.holder_pid})", file=sys.stderr)
     try:
         engine = ProxyEngine(listener=sandbox.listener, nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy,
-                             ruleset=ruleset, audit=audit, allow_host_ports=frozenset(opts.allow_host), net=net)
+                             ruleset=ruleset, audit=audit, allow_host_ports=frozenset(opts.allow_host), net=net,
+                             connect_timeout=opts.connect_timeout)
         return asyncio.run(_serve(sandbox, engine, tty_fd))
     finally:
         _reap(sandbox.holder_pid)

@@ -163,7 +163,7 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
         _sys.unshare(_sys.CLONE_NEWUSER | _sys.CLONE_NEWNS | _sys.CLONE_NEWNET | _sys.CLONE_NEWPID)
     except OSError as exc:
         raise SandboxError(
-            f"cannot create user/network namespaces: {exc.strerror}",
+            f"cannot create the sandbox's user namespaces: {exc.strerror}",
             "enable unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1 "
             "and user.max_user_namespaces > 0 (on Ubuntu also "
             "kernel.apparmor_restrict_unprivileged_userns=0)") from None

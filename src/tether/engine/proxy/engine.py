@@ -13,7 +13,7 @@ import os
 import socket
 
 from tether.audit import Audit, format_endpoint
-from tether.engine.proxy.tcp import TcpProxy
+from tether.engine.proxy.tcp import CONNECT_TIMEOUT, TcpProxy
 from tether.net import nflog
 from tether.net.nft import Ruleset, SandboxNet
 from tether.policy import Policy
@@ -23,12 +23,13 @@ TUN_READS_PER_WAKEUP = 256
 
 class ProxyEngine:
     def __init__(self, *, listener: socket.socket, nflog_sock: socket.socket, tun: int, policy: Policy,
-                 ruleset: Ruleset, audit: Audit, allow_host_ports: frozenset[int], net: SandboxNet) -> None:
+                 ruleset: Ruleset, audit: Audit, allow_host_ports: frozenset[int], net: SandboxNet,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.audit = audit
         self.ruleset = ruleset
         self.nflog = nflog_sock
         self.tun = tun
-        self.tcp = TcpProxy(listener, policy, audit, allow_host_ports, net)
+        self.tcp = TcpProxy(listener, policy, audit, allow_host_ports, net, connect_timeout)
         self.dropped_packets = 0
         self.malformed_log_messages = 0
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -85,6 +85,7 @@ class TcpProxy:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._listener_address = self.listener.getsockname()[:2]
         self.listener.setblocking(False)
         self._loop.add_reader(self.listener.fileno(), self._on_acceptable)
 
@@ -134,7 +135,14 @@ class TcpProxy:
         conn.setblocking(False)
         peer = conn.getpeername()
         flow.src = format_endpoint(peer[0], peer[1])
-        addr, port = _sys.original_destination(conn)
+        try:
+            addr, port = _sys.original_destination(conn)
+        except OSError:
+            addr, port = self._listener_address
+        if (addr, port) == self._listener_address:
+            # Not redirected: a sandboxed process dialled the engine's socket itself.
+            self._fail(flow, "no original destination: connection made directly to the engine's socket")
+            return
         flow.dst = format_endpoint(addr, port)
         decision, target = self._decide(addr, port)
         flow.rule = decision.rule
