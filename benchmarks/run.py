@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import pwd
-import re
 import secrets
 import select
 import shlex
@@ -36,6 +35,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,20 +209,41 @@ def sh(argv, timeout: float = 30, check: bool = True, input: str | None = None) 
     return r
 
 
-def run(argv, timeout: float, input: str | None = None, env=None, cwd="/", pass_fds=()) -> subprocess.CompletedProcess:
-    """Run to completion with a hard timeout; on timeout the whole process group is killed."""
-    p = REAPER.popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                     pass_fds=pass_fds)
+def wait_exit(p: subprocess.Popen, timeout: float) -> bool:
+    """Wait for p to exit, up to timeout; True if it did.  Uses a pidfd, so unlike Popen.wait(timeout)
+    (which polls with sleeps of up to 50 ms) it adds no delay to start-up timings."""
+    if p.poll() is not None:
+        return True
+    fd = os.pidfd_open(p.pid)   # p is not reaped yet, so the pid is still ours
     try:
-        out, err = p.communicate(input, timeout=timeout)
-        rc = p.returncode
-    except subprocess.TimeoutExpired:
-        REAPER.stop(p, grace=1.0)
-        out, err, rc = "", f"timed out after {timeout:.0f} s", -999
+        if not wait_readable(fd, timeout):
+            return False
     finally:
-        if p in REAPER.procs:
-            REAPER.stop(p)
+        os.close(fd)
+    p.wait()
+    return True
+
+
+def run(argv, timeout: float, input: str | None = None, env=None, cwd="/", pass_fds=()) -> subprocess.CompletedProcess:
+    """Run to completion with a hard timeout; on timeout the whole process group is killed.
+    Output goes through temporary files, so the call returns when the process exits (not when
+    every descendant has closed a pipe)."""
+    with tempfile.TemporaryFile() as fi, tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        if input is not None:
+            fi.write(input.encode())
+            fi.seek(0)
+        p = REAPER.popen(argv, stdin=fi if input is not None else subprocess.DEVNULL, stdout=fo, stderr=fe,
+                         env=env, cwd=cwd, pass_fds=pass_fds)
+        try:
+            rc = p.returncode if wait_exit(p, timeout) else None
+        finally:
+            REAPER.stop(p, grace=1.0)
+        fo.seek(0)
+        fe.seek(0)
+        out = fo.read().decode(errors="replace")
+        err = fe.read().decode(errors="replace")
+    if rc is None:
+        rc, err = -999, err + f"\ntimed out after {timeout:.0f} s"
     return subprocess.CompletedProcess(argv, rc, out, err)
 
 
@@ -351,6 +372,9 @@ class Contender:
     def teardown(self) -> None:
         pass
 
+    def check_alive(self) -> None:
+        """Raise BenchError if a long-lived part of the sandbox has gone away."""
+
     def wrap(self, argv: list[str]) -> list[str]:
         raise NotImplementedError
 
@@ -454,6 +478,12 @@ class Slirp(Contender):
             REAPER.stop(p)
         self.procs = []
 
+    def check_alive(self):
+        dead = [f"{'slirp4netns' if 'slirp4netns' in p.args else 'namespace holder (unshare … sleep)'} "
+                f"exited (rc={p.returncode})" for p in self.procs if p.poll() is not None]
+        if dead:
+            raise BenchError("sandbox gone (killed from outside?): " + ", ".join(dead))
+
     def wrap(self, argv):
         return ["nsenter", f"--target={self.pid}", "--net", "--"] + argv
 
@@ -472,7 +502,8 @@ class Slirp(Contender):
             ew = -1
             procs[0].kill()    # the namespace holder (sleep)
             for p in procs:
-                p.wait(10)
+                if not wait_exit(p, 10):
+                    raise BenchError(f"{p.args[-2:]} did not exit")
         finally:
             if ew >= 0:
                 os.close(ew)
@@ -526,7 +557,9 @@ def pct(sorted_vals: list[float], p: float) -> float:
 
 
 def measure_iperf(c: Contender, reverse: bool, args) -> dict:
+    c.check_alive()
     srv = c.topo.iperf_server()
+    r = None
     try:
         argv = ["iperf3", "-c", WORLD_IP, "-p", str(IPERF_PORT), "-t", str(args.duration),
                 "-O", str(args.omit), "-J", "--connect-timeout", "5000"]
@@ -535,7 +568,7 @@ def measure_iperf(c: Contender, reverse: bool, args) -> dict:
         r = run(c.wrap(argv), timeout=args.duration + args.omit + 30, env=c.env())
     finally:
         try:
-            srv.wait(5)
+            srv.wait(5 if r is not None and r.returncode == 0 else 0.2)
         except subprocess.TimeoutExpired:
             pass
         REAPER.stop(srv)
@@ -553,6 +586,7 @@ def measure_iperf(c: Contender, reverse: bool, args) -> dict:
 
 
 def measure_latency(c: Contender, args) -> dict:
+    c.check_alive()
     limit = max(30.0, args.latency_count * 0.05)
     r = run(c.wrap([SYS_PY, "-c", LATENCY_CLIENT, WORLD_IP, str(ECHO_PORT), str(args.latency_count),
                     str(args.latency_warmup), str(limit)]), timeout=limit + 30, env=c.env())
@@ -588,6 +622,21 @@ def first_line(argv) -> str | None:
         return None
 
 
+def cpu_busy(interval: float = 1.0) -> float | None:
+    """Percent of CPU time not idle over `interval` (before we start anything: others' load)."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+        return round(100.0 * (1 - (i1 - i0) / max(1, t1 - t0)), 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def machine_info(tether_cmd) -> dict:
     cpu = None
     try:
@@ -614,6 +663,8 @@ def machine_info(tether_cmd) -> dict:
             "tether": first_line(tether_cmd + ["--version"]) if tether_cmd else None,
         },
         "debian_packages": pkgs,
+        "loadavg_start": os.getloadavg(),
+        "cpu_busy_before_pct": cpu_busy(),
     }
 
 
@@ -705,6 +756,11 @@ def docs_block(res: dict, json_name: str) -> str:
         lines.append(f"| {c['label']} | {fmt((t.get('up') or {}).get('gbps_median'), '.2f')} "
                      f"| {fmt((t.get('down') or {}).get('gbps_median'), '.2f')} | {fmt(la.get('p50_us'), '.0f')} "
                      f"| {fmt(la.get('p99_us'), '.0f')} | {fmt(su.get('median_ms'), '.1f')} |")
+    busy = m.get("cpu_busy_before_pct")
+    if busy is not None and busy > 10:
+        lines.append("")
+        lines.append(f"**Caution:** other work used {busy:.0f}% of the CPUs just before the run started; "
+                     "these numbers are noisier than usual.")
     b = res.get("baseline_startup_ms")
     if b is not None:
         lines.append("")
@@ -789,7 +845,9 @@ def plot(res: dict, path: Path) -> str | None:
     ax.set_title("connect + 1-byte echo + close (lower is better)")
     ax.legend(fontsize=8)
     ax = axs[2]
-    bars(ax, [[g(c, "startup", "median_ms") for _, c in C]], ["median"], "ms", ".0f")
+    sts = [g(c, "startup", "median_ms") for _, c in C]
+    bars(ax, [sts], ["median"], "ms", ".0f")
+    ax.set_ylim(0, max([TARGET_STARTUP_MS] + [v for v in sts if v]) * 1.2)
     ax.axhline(TARGET_STARTUP_MS, color="red", ls="--", lw=1, label=f"tether target {TARGET_STARTUP_MS:g} ms")
     ax.set_title("start-up: CONTENDER -- true (lower is better)")
     ax.legend(fontsize=8)
@@ -809,7 +867,7 @@ ALL = ["veth", "slirp4netns-1500", "slirp4netns-65520", "pasta", "tether"]
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 epilog="Must run as root. Method and results: docs/benchmarks.md.")
     ap.add_argument("--quick", action="store_true",
                     help="short smoke run: --duration 2 --omit 0 --repeats 1 --latency-count 200 --startup-runs 5 "
                          "(explicit flags still win)")
@@ -817,17 +875,18 @@ def parse_args(argv=None):
     ap.add_argument("--omit", type=int, help="iperf3 -O warm-up seconds not counted [1; quick 0]")
     ap.add_argument("--repeats", type=int, help="iperf3 runs per contender and direction, median reported [3; quick 1]")
     ap.add_argument("--latency-count", type=int, help="connections measured [1000; quick 200]")
-    ap.add_argument("--latency-warmup", type=int, default=20, help="connections made first and not counted")
+    ap.add_argument("--latency-warmup", type=int, default=20, help="connections made first and not counted [20]")
     ap.add_argument("--startup-runs", type=int, help="start-up runs, median reported [20; quick 5]")
-    ap.add_argument("--contenders", default=",".join(ALL), help="comma-separated subset of: " + ",".join(ALL))
+    ap.add_argument("--contenders", default=",".join(ALL), help="comma-separated subset of: " + ",".join(ALL) + " [all]")
     ap.add_argument("--tether", help="tether command (path, or e.g. '.venv/bin/python -m tether') "
                                      "[.venv/bin/tether, else .venv/bin/python -m tether]")
     ap.add_argument("--tether-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for `tether run` (repeatable), e.g. --tether-arg=--mtu=65520")
-    ap.add_argument("--as-user", default="auto",
-                    help="user that runs the rootless tools (slirp4netns, pasta, tether); "
-                         "'auto' = tether-test if it exists, else nobody; 'root' runs them as root")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    ap.add_argument("--as-user", default="nobody",
+                    help="unprivileged user that runs the rootless tools (slirp4netns, pasta, tether); "
+                         "'root' runs them as root [nobody; not tether-test: the integration tests' "
+                         "leak check kills tether-test processes it did not start]")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory [benchmarks/results]")
     ap.add_argument("--no-publish", action="store_true",
                     help="only write the timestamped JSON; leave latest.json/latest.png/docs alone")
     a = ap.parse_args(argv)
@@ -862,12 +921,6 @@ def main(argv=None) -> int:
     if missing:
         print(f"missing programs: {', '.join(missing)} (run `make deps` / scripts/install-deps.sh)", file=sys.stderr)
         return 2
-    if args.as_user == "auto":
-        args.as_user = "tether-test"
-        try:
-            pwd.getpwnam("tether-test")
-        except KeyError:
-            args.as_user = "nobody"
     try:
         user = RunAs(args.as_user)
     except KeyError:
@@ -1007,6 +1060,7 @@ def main(argv=None) -> int:
                 log(f"teardown {c.key}: {e}")
         REAPER.cleanup()
     res["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    res["machine"]["loadavg_end"] = os.getloadavg()
 
     res["ratios"], res["targets"] = summarize(res)
     args.out.mkdir(parents=True, exist_ok=True)
