@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import resource
@@ -254,7 +253,9 @@ def _load_libnftables() -> ctypes.CDLL:
     try:
         return ctypes.CDLL("libnftables.so.1", use_errno=True)
     except OSError:
-        name = ctypes.util.find_library("nftables")
+        from ctypes.util import find_library  # spawns ldconfig: only on this fallback path
+
+        name = find_library("nftables")
         if not name:
             raise OSError(2, "libnftables not found (Debian: apt-get install nftables)") from None
         return ctypes.CDLL(name, use_errno=True)

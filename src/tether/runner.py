@@ -8,21 +8,22 @@ sandbox remains on the host.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tether import _sys
 from tether.audit import Audit
-from tether.engine.proxy.engine import ProxyEngine
 from tether.net.nft import Ruleset, SandboxNet, compile_ruleset
 from tether.net.rtnl import Rtnl
 from tether.ns.holder import FORWARDED_SIGNALS, exit_code
 from tether.ns.spawn import Sandbox, SandboxError, SandboxSpec, receive_message, send_message, spawn
 from tether.policy import Policy, build_policy, load_policy_file
+
+if TYPE_CHECKING:
+    from tether.engine.proxy.engine import ProxyEngine
 
 EXIT_USAGE = 2
 
@@ -150,6 +151,12 @@ def run(opts: RunOptions) -> int:
     if opts.verbose:
         print(f"tether: sandbox {name} started (holder pid {sandbox.holder_pid})", file=sys.stderr)
     try:
+        # Imported only now: asyncio and the engine (~30 ms of imports) load while the spawner
+        # and the holder set the sandbox up on the other core.
+        import asyncio
+
+        from tether.engine.proxy.engine import ProxyEngine
+
         engine = ProxyEngine(listener=sandbox.listener, nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy,
                              ruleset=ruleset, audit=audit, allow_host_ports=frozenset(opts.allow_host), net=net,
                              connect_timeout=opts.connect_timeout)
@@ -183,6 +190,8 @@ def _stop_with_command(sandbox: Sandbox, tty_fd: int | None) -> None:
 
 
 async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> int:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[int] = loop.create_future()
     failure: list[str] = []
