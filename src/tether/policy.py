@@ -74,6 +74,8 @@ class RuleError(ValueError):
         return (type(self), (self.rule, self.reason))
 
 
+_MEMO_LIMIT = 4096  # destinations remembered per policy (cleared when full)
+
 class PolicyFileError(ValueError):
     """Bad policy TOML file: message names the file, the key (and line for TOML syntax errors) and what is wrong."""
 
@@ -237,6 +239,7 @@ class Policy:
         default: Verdict = "allow",
         host_addresses: Iterable[IPAddress] = (),
     ) -> None:
+        self._memo: dict[tuple[str, object, int], Decision] = {}
         if default not in _VERDICTS:
             raise ValueError(f"default must be 'allow' or 'deny', not {default!r}")
         for rules, action in ((allow, "allow"), (deny, "deny")):
@@ -252,6 +255,18 @@ class Policy:
         return list(self._ordered)
 
     def evaluate(self, proto: Proto, addr: IPAddress | str, port: int) -> Decision:
+        """First matching rule's verdict, else the default.  Memoised per destination (a
+        Policy never changes; the engine asks once per connection, often for the same few)."""
+        key = (proto, addr, port)
+        decision = self._memo.get(key)
+        if decision is None:
+            decision = self._evaluate(proto, addr, port)
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[key] = decision
+        return decision
+
+    def _evaluate(self, proto: Proto, addr: IPAddress | str, port: int) -> Decision:
         if proto not in _PROTOS:
             raise ValueError(f"proto must be 'tcp' or 'udp', not {proto!r}")
         ip = _unmap(ipaddress.ip_address(addr))

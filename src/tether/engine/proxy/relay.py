@@ -89,6 +89,11 @@ class Pump:
             self.pair.pool.release(self.pipe, empty=self.pending == 0)
             self.pipe = None
 
+    def pump_now(self) -> None:
+        """Move whatever ``src`` already holds without waiting for a readiness event."""
+        if not self.done and not self.eof and self.pending == 0:
+            self._on_readable()
+
     def _on_readable(self) -> None:
         try:
             for _ in range(ROUNDS_PER_WAKEUP):

@@ -207,6 +207,7 @@ class TcpProxy:
         self._relaying.add(flow)
         self.stats.live += 1
         flow.pair.start()
+        flow.pair.up.pump_now()  # the client has usually sent its request already: no wakeup needed
 
     def _on_pair_closed(self, flow: _Flow, pair: RelayPair, error: BaseException | None) -> None:
         self._relaying.discard(flow)
