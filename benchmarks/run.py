@@ -935,7 +935,7 @@ def main(argv=None) -> int:
     if "tether" in args.selected:
         tether_cmd, tether_note = find_tether(args)
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     res = {
         "schema": 1, "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,

@@ -23,7 +23,7 @@ import os
 import resource
 import socket
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 # --- namespaces ------------------------------------------------------------------------------
 

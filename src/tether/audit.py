@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Callable, TextIO
+from datetime import datetime, UTC
+from typing import TextIO
+from collections.abc import Callable
 
 DENIAL_LINES_PER_SECOND = 5
 
@@ -43,7 +44,7 @@ class Audit:
     def emit(self, event: str, *, proto: str, src: str, dst: str, rule: str, verdict: str,
              bytes_up: int = 0, bytes_down: int = 0, duration_ms: float = 0.0, **extra: object) -> dict:
         record = {
-            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "sandbox": self.sandbox,
             "event": event,
             "proto": proto,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from tether import _sys
 from tether.audit import Audit
-from tether.net.nft import Ruleset, SandboxNet, compile_ruleset
+from tether.net.nft import SandboxNet, compile_ruleset
 from tether.net.rtnl import Rtnl
 from tether.ns.holder import FORWARDED_SIGNALS, exit_code
 from tether.ns.spawn import Sandbox, SandboxError, SandboxSpec, receive_message, send_message, spawn

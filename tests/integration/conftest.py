@@ -378,7 +378,7 @@ class Snapshot:
     host_links: set = field(default_factory=set)  # {(ifname, kind)}
 
     @classmethod
-    def take(cls, world: World) -> "Snapshot":
+    def take(cls, world: World) -> Snapshot:
         procs = set()
         for pid in all_pids():
             st = proc_start_time(pid)

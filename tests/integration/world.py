@@ -246,7 +246,7 @@ def cgroup_remove(cg: Path | None) -> None:
 class ServerProcess:
     """A servers.py process in a netns; ``ports`` holds the real ports after it signalled ready."""
 
-    def __init__(self, world: "World", netns: str, bind: str, ports: dict[str, int], body: bytes | None):
+    def __init__(self, world: World, netns: str, bind: str, ports: dict[str, int], body: bytes | None):
         self.netns = netns
         self.bind = bind
         argv = ["ip", "netns", "exec", netns, world.python, str(HERE / "servers.py"), "--bind", bind]
@@ -294,7 +294,7 @@ class ServerProcess:
                 with contextlib.suppress(OSError):
                     f.close()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -326,7 +326,7 @@ class World:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def __enter__(self) -> "World":
+    def __enter__(self) -> World:
         try:
             self.build()
         except BaseException:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 
@@ -38,10 +38,10 @@ def deny(audit: Audit, n: int = 1, dst: str = "203.0.113.7:443", rule: str = "20
 def test_record_has_exactly_the_documented_fields_in_order():
     sink = io.StringIO()
     audit = Audit("sbx-1", sink)
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     record = audit.emit("close", proto="tcp", src="10.0.2.100:40000", dst="[2001:db8::1]:443", rule="2001:db8::/32",
                         verdict="allow", bytes_up=10, bytes_down=2000, duration_ms=12.34567)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     line = sink.getvalue()
     assert line.endswith("\n") and line.count("\n") == 1
     parsed = json.loads(line)

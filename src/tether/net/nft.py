@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 from tether.policy import Rule, Verdict
 

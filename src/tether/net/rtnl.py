@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_NEWADDR, RTM_GETADDR, RTM_NEWROUTE = 16, 20, 22, 24
@@ -142,7 +142,7 @@ class Rtnl:
         self._sock.bind((0, 0))
         self._seq = 0
 
-    def __enter__(self) -> "Rtnl":
+    def __enter__(self) -> Rtnl:
         return self
 
     def __exit__(self, *exc: object) -> None:

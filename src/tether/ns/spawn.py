@@ -34,7 +34,7 @@ import socket
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from tether import _sys
 from tether.net import nflog

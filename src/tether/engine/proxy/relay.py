@@ -29,7 +29,7 @@ import asyncio
 import errno
 import os
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from tether import _sys
 
@@ -68,7 +68,7 @@ class PipePool:
 class Pump:
     """One direction of a relayed pair."""
 
-    def __init__(self, pair: "RelayPair", src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, pair: RelayPair, src: socket.socket, dst: socket.socket) -> None:
         self.pair = pair
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
@@ -156,7 +156,7 @@ class RelayPair:
     """Both directions of one relayed connection; calls ``on_close(error)`` exactly once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: PipePool, inside: socket.socket,
-                 outside: socket.socket, on_close: Callable[["RelayPair", BaseException | None], None]) -> None:
+                 outside: socket.socket, on_close: Callable[[RelayPair, BaseException | None], None]) -> None:
         self.loop = loop
         self.pool = pool
         self.inside, self.outside = inside, outside
