@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from tether import _sys
 from tether.audit import Audit
+from tether.errors import TetherError
 from tether.net.nft import SandboxNet, compile_ruleset
 from tether.net.rtnl import Rtnl
 from tether.ns.holder import FORWARDED_SIGNALS, exit_code
@@ -28,12 +29,8 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 
 
-class RunError(Exception):
+class RunError(TetherError):
     """Refused before anything started; exit code 2."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from tether import _sys
+from tether.errors import TetherError
 from tether.net import nflog
 from tether.net.nft import NFLOG_GROUP, SandboxNet
 from tether.net.rtnl import Rtnl
@@ -44,12 +45,8 @@ from tether.net.rtnl import Rtnl
 MAX_MESSAGE = 65536
 
 
-class SandboxError(Exception):
+class SandboxError(TetherError):
     """Creating the sandbox failed; ``hint`` says how to fix the machine when we know."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass
