@@ -125,9 +125,15 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def close_fds_above(lowest: int) -> None:
-    """Close every fd >= ``lowest`` (before exec: the sandboxed command gets 0, 1, 2 only)."""
-    os.closerange(lowest, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+def close_fds_above(lowest: int, keep: int | None = None) -> None:
+    """Close every fd >= ``lowest`` except ``keep`` (before exec: the sandboxed command gets
+    0, 1, 2 only; the holder keeps only its control socket)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if keep is None or keep < lowest:
+        os.closerange(lowest, limit)
+    else:
+        os.closerange(lowest, keep)
+        os.closerange(keep + 1, limit)
 
 
 # --- tun ------------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ def _exec_command(argv: list[str], tty_fd: int | None) -> None:
 
 def run_holder(spec, control: socket.socket) -> int:
     """Main loop of pid 1; returns the sandbox's exit code."""
+    # Inside the sandbox, hold nothing of the host but the control socket (not the audit log,
+    # not fds tether inherited): a CMD with --root could ptrace the holder and use them.
+    _sys.close_fds_above(3, keep=control.fileno())
     _setup_mounts(spec.resolv_conf)
 
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
