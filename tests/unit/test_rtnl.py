@@ -274,7 +274,7 @@ def test_parse_attrs_rejects_malformed(body):
         list(parse_attrs(body))
 
 
-@settings(max_examples=500, deadline=1000)
+@settings(max_examples=500)
 @given(st.binary(max_size=256))
 def test_parse_messages_on_random_bytes_returns_or_raises_value_error(data):
     try:
@@ -286,7 +286,7 @@ def test_parse_messages_on_random_bytes_returns_or_raises_value_error(data):
         assert len(reply.body) <= len(data) - 16
 
 
-@settings(max_examples=500, deadline=1000)
+@settings(max_examples=500)
 @given(st.binary(max_size=256))
 def test_parse_attrs_on_random_bytes_returns_or_raises_value_error(data):
     try:
