@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(nftables libnftables1 iproute2 iperf3 socat slirp4netns passt wireguard-go
-          wireguard-tools runc crun busybox-static python3 python3-venv procps curl)
+          wireguard-tools runc crun busybox-static python3 python3-venv procps curl
+          iputils-ping dnsutils)
 TEST_USER=${TETHER_TEST_USER:-tether-test}
 SYSTEM_VENV=/opt/tether/venv
 

@@ -164,12 +164,49 @@ IP_TRANSPARENT = 19
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """Destination a redirected TCP connection was addressed to before nft's ``redirect``."""
     if sock.family == socket.AF_INET6:
-        raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
         port = struct.unpack_from("!H", raw, 2)[0]
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack_from("!H", raw, 2)[0]
     return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+
+
+IP_RECVORIGDSTADDR = 20
+IPV6_TRANSPARENT = 75
+IPV6_RECVORIGDSTADDR = 74
+
+
+def transparent_udp_socket(family: int, address: str, port: int = 0) -> socket.socket:
+    """A UDP socket that can receive TPROXY-diverted datagrams and tells each one's original
+    destination (IP[V6]_RECVORIGDSTADDR).  Must be created inside the sandbox's netns."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+ORIGDST_CMSG_SPACE = socket.CMSG_SPACE(28)
+
+
+def original_destination_of_datagram(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    """The (addr, port) a TPROXY-diverted datagram was sent to, from recvmsg's ancillary data."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), struct.unpack_from("!H", data, 2)[0]
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), struct.unpack_from("!H", data, 2)[0]
+    return None
 
 
 def set_reset_on_close(sock: socket.socket) -> None:

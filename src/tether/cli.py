@@ -31,6 +31,16 @@ def main() -> None:
 @click.option("--log", "log", metavar="PATH", help="Write every connection decision as JSON lines (- for stderr).")
 @click.option("--connect-timeout", type=click.FloatRange(min=0.1, max=3600), default=10.0, show_default=True,
               metavar="SECONDS", help="Give up dialling a destination after this long (the sandboxed client gets a reset).")
+@click.option("--dns", "dns", multiple=True, metavar="ADDR",
+              help="Resolver the DNS stub forwards to (repeatable; default: the host's /etc/resolv.conf).")
+@click.option("--dns-deny", type=click.Choice(["refused", "nxdomain"]), default="refused", show_default=True,
+              help="Answer for names the policy denies (with an Extended DNS Error naming the rule).")
+@click.option("--dns-passthrough", is_flag=True,
+              help="Relay DNS sent to other servers (subject to IP policy) instead of answering it from the stub.")
+@click.option("--udp-timeout", type=click.FloatRange(min=0.5, max=86400), default=60.0, show_default=True,
+              metavar="SECONDS", help="Close a UDP flow after this long without traffic (DNS flows: at most 30 s).")
+@click.option("--ipv4-only", is_flag=True, help="No IPv6 in the sandbox (IPv6 connections fail with ENETUNREACH).")
+@click.option("--ipv6-only", is_flag=True, help="No IPv4 in the sandbox (IPv4 connections fail with ENETUNREACH).")
 @click.option("--mtu", type=int, default=65520, show_default=True, help="MTU of the sandbox's tun0.")
 @click.option("--root", "map_root", is_flag=True, help="Map your uid to 0 inside the sandbox.")
 @click.option("--name", metavar="NAME", help="Sandbox name (audit events; default sbx-PID).")
@@ -45,7 +55,8 @@ def run(argv: tuple[str, ...], **options: object) -> None:
     from tether.runner import EXIT_USAGE, RunError, RunOptions, run as run_sandbox
 
     opts = RunOptions(argv=list(argv), allow=list(options.pop("allow")), deny=list(options.pop("deny")),
-                      allow_host=list(options.pop("allow_host")), **options)  # type: ignore[arg-type]
+                      allow_host=list(options.pop("allow_host")), dns=list(options.pop("dns")),
+                      **options)  # type: ignore[arg-type]
     try:
         code = run_sandbox(opts)
     except RunError as exc:

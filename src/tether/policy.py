@@ -1,20 +1,68 @@
-"""Network policy: parse IP/port rules and decide allow or deny for one destination.
+"""Network policy: parse IP/port and domain rules and decide allow or deny for one destination.
 
 Rules of this file:
   * It is pure. Nothing here opens a socket or looks at the host; the only I/O is reading a policy
-    file in `load_policy_file`. The host's own addresses come in as arguments.
+    file in `load_policy_file`. The host's own addresses and the names the DNS stub served come in
+    as arguments.
   * Every decision names the rule that made it (its text as the user wrote it, a "builtin:..."
     label, or "default"), because every decision becomes an audit event and a deny must be loud.
 
-Theory of operation. A rule is `[tcp://|udp://]ADDR_OR_CIDR[:PORT|:LO-HI]`, IPv6 in brackets when a
-port follows. `parse_rule` turns the text into a `Rule` (network, inclusive port range or None,
-proto or None) or raises `RuleError` saying what is wrong. A `Policy` is an ordered list of rules
-and a default verdict; evaluation is FIRST MATCH WINS over `Policy.ordered_rules()`:
+Grammar. A rule is `[tcp://|udp://]TARGET[:PORT|:LO-HI]`; TARGET is one of
 
-    user deny rules  ->  user allow rules  ->  builtin denies (only if default == "allow")  ->  default
+    203.0.113.7, 203.0.113.0/24, 2001:db8::/32   an address or CIDR (IPv6 in brackets before a port)
+    example.test                                 that name AND every name below it (a.example.test)
+    *.example.test                               every name below it, NOT example.test itself
+    =example.test                                exactly that name
 
-so deny beats allow, and an explicit allow (e.g. 127.0.0.1:8080) pierces the builtin profile. The
-same list is what the nftables compiler emits, so the kernel and `Policy.evaluate` cannot disagree.
+`parse_rule` turns the text into a `Rule` (network XOR domain, inclusive port range or None, proto
+or None) or raises `RuleError` saying what is wrong. Names are ASCII (letters, digits, '-', '_';
+labels of 1-63 characters, at most 253 in all; internationalised names in their IDNA "xn--" form,
+which the error message suggests), compared case-insensitively, a final dot ignored. The last
+label must contain a letter, so a mistyped address ("10.0.0.1-5") is an error, not a name.
+
+Evaluation. A `Policy` is the rules plus a default verdict; `evaluate(proto, addr, port, names=...)`
+is FIRST MATCH WINS over `Policy.ordered_rules()`:
+
+    user IP denies -> user domain denies -> user IP allows -> builtin denies -> user domain allows
+                                                                                  -> default
+
+An IP rule matches the destination address; a domain rule matches when any of `names` does - the
+names the DNS stub served for that address to this sandbox (`tether.names.NameMap`); an address
+the sandbox never resolved has no names and matches only IP rules. So deny beats allow (of either
+kind), and `Decision.name` says which name a domain rule matched.
+
+SECURITY DECISION: a domain allow does NOT pierce the builtin denies (loopback, link-local incl.
+the metadata address 169.254.169.254, private, CGNAT, multicast, unspecified, the host's own
+addresses). A name is whatever some DNS server says it is: `evil.example.test A 127.0.0.1` (DNS
+rebinding) must not open the sandbox's way to the host's loopback or to cloud metadata just because
+`*.example.test` is allowed. Only an explicit IP allow (e.g. `127.0.0.1:8080`) overrides a builtin
+deny. A domain deny beats an IP allow.
+
+The builtin denies are in the list when they can matter: with default "allow", or with default
+"deny" when there are domain allows (which they must not let through). With default "deny" and no
+domain allows they would only repeat the default, so they are left out and such addresses are
+denied as "default" - the same label the kernel logs (see tether.net.nft).
+
+The same ordered list is what the nftables compiler works from: it emits what the kernel can
+decide without names (IP rules, builtins, the default catch-all when no domain allow could apply)
+and leaves the rest to the engine, which calls `evaluate` with the names; tests check that the
+kernel never contradicts `evaluate`.
+
+ICMP. `evaluate("icmp", addr, 0)` (echo requests) matches only rules without protocol and port.
+
+Resolution. `Policy.evaluate_name(name)` answers the DNS stub's question "may this sandbox resolve
+NAME?" (first row that applies wins):
+
+    a domain deny without proto/port matches NAME     -> deny   (that rule)
+    a domain allow (any proto/port) matches NAME      -> allow  (that rule)
+    default "allow"                                   -> allow  ("default")
+    default "deny", and there are user IP allow rules -> allow  ("ip-allow-rules": the answer may
+                                                        point into an allowed CIDR; the IP policy
+                                                        decides at connect time)
+    default "deny", no user IP allow rules            -> deny   ("default")
+
+A deny restricted to a protocol or port (`tcp://ads.example.test:443`) does not stop resolution:
+other traffic to that name may be allowed. The stub asks for every name on a CNAME chain.
 
 The builtin profile (BUILTIN_RANGES) is written out as a table and is exhaustive on purpose: we do
 not use `ipaddress.is_private`, which also calls the documentation ranges (192.0.2.0/24,
@@ -35,14 +83,22 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
+from tether.names import normalize_name
+
 Verdict = Literal["allow", "deny"]
 Proto = Literal["tcp", "udp"]
+EvalProto = Literal["tcp", "udp", "icmp"]
+DomainKind = Literal["suffix", "subdomains", "exact"]
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
 _VERDICTS = ("allow", "deny")
 _PROTOS = ("tcp", "udp")
+_EVAL_PROTOS = ("tcp", "udp", "icmp")
 _MAPPED = IPv6Network("::ffff:0:0/96")
+
+# evaluate_name's label when default deny lets a name resolve because IP allow rules exist
+IP_ALLOW_RULES = "ip-allow-rules"
 
 # The builtin default-deny profile, in evaluation order. Exhaustive: see the module docstring.
 BUILTIN_RANGES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -57,8 +113,15 @@ BUILTIN_RANGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _PORTS = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 _PREFIX = re.compile(r"[0-9]+")
-# Looks like a host name (optionally a "*." wildcard) rather than a mistyped address.
-_DOMAIN = re.compile(r"(\*\.)?([A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]*[A-Za-z][A-Za-z0-9_-]*\.?")
+# Host text that is meant as a name (possibly a bad one) rather than an address: name characters
+# only, and at least one that an address never has.
+_NAMEISH = re.compile(r"[A-Za-z0-9_.*=-]+")
+_NAME_MARK = re.compile(r"[A-Za-z_*=]")
+_LABEL = re.compile(r"[A-Za-z0-9_-]+")
+_LETTER = re.compile(r"[A-Za-z]")
+_NOT_HEX = re.compile(r"[G-Zg-z_.*=]")  # cannot be the first group of an IPv6 address
+MAX_NAME = 253
+MAX_LABEL = 63
 
 
 class RuleError(ValueError):
@@ -87,20 +150,139 @@ def _unmap(addr: IPAddress) -> IPAddress:
     return addr
 
 
+# --- domain patterns ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainPattern:
+    """A name pattern: ``name`` normalised (lower case, no final dot, no ``*.``/``=``) and how it
+    matches: "suffix" (``example.test``: the name and every name below it), "subdomains"
+    (``*.example.test``: only names below it), "exact" (``=example.test``)."""
+
+    name: str
+    kind: DomainKind = "suffix"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("suffix", "subdomains", "exact"):
+            raise ValueError(f"kind must be 'suffix', 'subdomains' or 'exact', not {self.kind!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> DomainPattern:
+        """``"*.Example.TEST."`` -> DomainPattern("example.test", "subdomains"); ValueError if bad."""
+        return _parse_domain(text)
+
+    def matches(self, name: str) -> bool:
+        """Does ``name`` (any case, final dot or not) fall under this pattern?"""
+        return self._matches_normalized(normalize_name(name))
+
+    def _matches_normalized(self, name: str) -> bool:
+        if name == self.name:
+            return self.kind != "subdomains"
+        if self.kind == "exact":
+            return False
+        return len(name) > len(self.name) + 1 and name.endswith(self.name) and name[-len(self.name) - 1] == "."
+
+    def __str__(self) -> str:
+        return {"suffix": "", "subdomains": "*.", "exact": "="}[self.kind] + self.name
+
+
+class _DomainError(ValueError):
+    pass
+
+
+def _parse_domain(text: str) -> DomainPattern:
+    kind: DomainKind = "suffix"
+    body = text
+    if body.startswith("="):
+        kind, body, prefix = "exact", body[1:], "="
+        if body == "":
+            raise _DomainError("missing name after '='")
+    elif body.startswith("*."):
+        kind, body, prefix = "subdomains", body[2:], "*."
+        if body == "":
+            raise _DomainError("missing name after '*.'")
+    elif body.startswith("*"):
+        raise _DomainError("'*' must be a whole first label followed by a name, as in '*.example.test'")
+    else:
+        prefix = ""
+    if not body.isascii():
+        hint = ""
+        try:
+            hint = f", e.g. '{prefix}{body.encode('idna').decode('ascii')}'"
+        except (UnicodeError, ValueError):
+            pass
+        raise _DomainError(f"non-ASCII name: write internationalised names in their IDNA (punycode) form{hint}")
+    if "*" in body:
+        raise _DomainError("'*' is allowed only as the whole first label, as in '*.example.test'")
+    if "=" in body:
+        raise _DomainError("'=' is allowed only at the start ('=example.test' means exactly that name)")
+    for c in body:
+        if not (c.isalnum() or c in "-_."):
+            raise _DomainError(f"character {c!r} is not allowed in names (letters, digits, '-', '_')")
+    body = body.removesuffix(".")
+    if body.startswith("."):
+        raise _DomainError(f"a name cannot start with '.' (for the names below it write '*{body}')")
+    if len(body) > MAX_NAME:
+        raise _DomainError(f"name is {len(body)} characters long (at most {MAX_NAME})")
+    labels = body.split(".")
+    for label in labels:
+        if label == "":
+            raise _DomainError("empty label ('..') in name")
+        if len(label) > MAX_LABEL:
+            raise _DomainError(f"label '{label[:16]}...' is {len(label)} characters long (at most {MAX_LABEL})")
+    if not _LETTER.search(labels[-1]):
+        raise _DomainError(f"the last label '{labels[-1]}' has no letter, so this is not a domain name "
+                           "(a mistyped IP address?)")
+    return DomainPattern(normalize_name(body), kind)
+
+
+def _name_like(host: str) -> bool:
+    """Is ``host`` meant as a domain name (possibly a bad one) rather than an address?"""
+    if not host.isascii():
+        return True
+    return bool(_NAMEISH.fullmatch(host) and _NAME_MARK.search(host))
+
+
+# --- rules ----------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Rule:
     text: str  # as written by the user (stripped), or a builtin label "builtin:loopback" etc.
     action: Verdict
-    network: IPNetwork
+    network: IPNetwork | None  # the destination network of an IP rule; None for a domain rule
     ports: tuple[int, int] | None  # inclusive range, None = any port
-    proto: Proto | None  # None = tcp and udp
+    proto: Proto | None  # None = tcp and udp (and icmp)
+    domain: DomainPattern | None = None  # the name pattern of a domain rule; None for an IP rule
 
-    def matches(self, proto: Proto, addr: IPAddress, port: int) -> bool:
+    def __post_init__(self) -> None:
+        if (self.network is None) == (self.domain is None):
+            raise ValueError(f"rule {self.text!r} needs exactly one of network and domain")
+
+    def applies(self, proto: EvalProto, port: int) -> bool:
+        """Do the rule's protocol and ports cover (proto, port)?  ICMP: only rules without either."""
         if self.proto is not None and proto != self.proto:
             return False
-        if self.ports is not None and not (self.ports[0] <= port <= self.ports[1]):
+        return self.ports is None or (proto != "icmp" and self.ports[0] <= port <= self.ports[1])
+
+    def matches(self, proto: EvalProto, addr: IPAddress, port: int, names: Iterable[str] = ()) -> bool:
+        """IP rule: the address is in the network.  Domain rule: one of ``names`` (the names the
+        stub served for ``addr``) matches the pattern.  Both: protocol and port are covered."""
+        if not self.applies(proto, port):
             return False
+        if self.domain is not None:
+            return self.matching_name(names) is not None
         return _unmap(addr) in self.network  # False, not an error, across address families
+
+    def matching_name(self, names: Iterable[str]) -> str | None:
+        """The first of ``names`` (normalised) that the rule's pattern matches, else None."""
+        if self.domain is None:
+            return None
+        for name in names:
+            n = normalize_name(name)
+            if self.domain._matches_normalized(n):
+                return n
+        return None
 
 
 def _small_int(digits: str) -> int:
@@ -124,6 +306,15 @@ def _parse_ports(rule: str, spec: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _not_an_address(rule: str, host: str) -> RuleError:
+    if _LETTER.search(host) and ":" not in host:  # (a mistyped IPv6 address is not a bad name)
+        bad = next((c for c in host if not (c.isalnum() or c in "-_.*=/")), None)
+        if bad is not None:
+            return RuleError(rule, f"'{host}' is not an IP address or CIDR, nor a domain name "
+                                   f"(character {bad!r} is not allowed in names: letters, digits, '-', '_')")
+    return RuleError(rule, f"'{host}' is not an IP address or CIDR")
+
+
 def _parse_network(rule: str, host: str, bracketed: bool) -> IPNetwork:
     if host == "":
         raise RuleError(rule, "missing address")
@@ -133,9 +324,12 @@ def _parse_network(rule: str, host: str, bracketed: bool) -> IPNetwork:
     try:
         addr = ipaddress.ip_address(addr_s)
     except ValueError:
-        if not slash and _DOMAIN.fullmatch(host):
-            raise RuleError(rule, "domain rules are not supported yet (IP/CIDR only)") from None
-        raise RuleError(rule, f"'{host}' is not an IP address or CIDR") from None
+        if _name_like(addr_s):
+            if bracketed:
+                raise RuleError(rule, "brackets are only for IPv6 addresses") from None
+            if slash:
+                raise RuleError(rule, f"a prefix length ('/{plen_s}') is for IP addresses, not names") from None
+        raise _not_an_address(rule, host) from None
     if bracketed and addr.version != 6:
         raise RuleError(rule, "brackets are only for IPv6 addresses")
     width = addr.max_prefixlen
@@ -153,6 +347,16 @@ def _parse_network(rule: str, host: str, bracketed: bool) -> IPNetwork:
     if isinstance(net, IPv6Network) and plen >= 96 and net.subnet_of(_MAPPED):
         net = IPv4Network((int(net.network_address) & 0xFFFFFFFF, plen - 96))
     return net
+
+
+def _parse_target(rule: str, host: str) -> tuple[IPNetwork | None, DomainPattern | None]:
+    """(network, None) for an address or CIDR, (None, pattern) for a domain."""
+    if _name_like(host):
+        try:
+            return None, _parse_domain(host)
+        except _DomainError as e:
+            raise RuleError(rule, str(e)) from None
+    return _parse_network(rule, host, bracketed=False), None
 
 
 def parse_rule(text: str, action: Verdict) -> Rule:
@@ -176,6 +380,8 @@ def parse_rule(text: str, action: Verdict) -> Rule:
         raise RuleError(rule, "unexpected '://' (only one tcp:// or udp:// prefix is allowed)")
 
     port_spec: str | None = None
+    domain: DomainPattern | None = None
+    network: IPNetwork | None
     if rest.startswith("["):
         close = rest.find("]")
         if close < 0:
@@ -193,13 +399,17 @@ def parse_rule(text: str, action: Verdict) -> Rule:
             head, _, tail = rest.rpartition(":")
             if _PORTS.fullmatch(tail) and _looks_like_network(head):
                 raise RuleError(rule, f"an IPv6 address with a port must be in brackets: '[{head}]:{tail}'") from None
+            name, _, port_part = rest.partition(":")
+            if _name_like(name) and _NOT_HEX.search(name):  # "example.test:80:90": blame the port
+                _parse_target(rule, name)
+                _parse_ports(rule, port_part)
             raise
     else:
         host, colon, port_part = rest.partition(":")
         port_spec = port_part if colon else None
-        network = _parse_network(rule, host, bracketed=False)
+        network, domain = _parse_target(rule, host)
     ports = _parse_ports(rule, port_spec) if port_spec is not None else None
-    return Rule(text=rule, action=action, network=network, ports=ports, proto=proto)
+    return Rule(text=rule, action=action, network=network, ports=ports, proto=proto, domain=domain)
 
 
 def _looks_like_network(s: str) -> bool:
@@ -213,7 +423,8 @@ def _looks_like_network(s: str) -> bool:
 @dataclass(frozen=True)
 class Decision:
     verdict: Verdict
-    rule: str  # the matching Rule.text, or "default"
+    rule: str  # the matching Rule.text, a builtin label, "default" (or IP_ALLOW_RULES, evaluate_name)
+    name: str | None = None  # the name a domain rule matched (normalised), else None
 
 
 def builtin_denies(host_addresses: Iterable[IPAddress] = ()) -> list[Rule]:
@@ -239,7 +450,7 @@ class Policy:
         default: Verdict = "allow",
         host_addresses: Iterable[IPAddress] = (),
     ) -> None:
-        self._memo: dict[tuple[str, object, int], Decision] = {}
+        self._memo: dict[tuple[str, object, int, tuple[str, ...]], Decision] = {}
         if default not in _VERDICTS:
             raise ValueError(f"default must be 'allow' or 'deny', not {default!r}")
         for rules, action in ((allow, "allow"), (deny, "deny")):
@@ -247,33 +458,81 @@ class Policy:
                 if r.action != action:  # the list, not the field, decides the order: keep them in step
                     raise ValueError(f"rule {r.text!r} has action {r.action!r} but was given as {action}")
         self.default: Verdict = default
-        builtins = builtin_denies(host_addresses) if default == "allow" else []
-        self._ordered: tuple[Rule, ...] = (*deny, *allow, *builtins)
+        ip_deny = [r for r in deny if r.domain is None]
+        ip_allow = [r for r in allow if r.domain is None]
+        self._domain_deny = tuple(r for r in deny if r.domain is not None)
+        self._domain_allow = tuple(r for r in allow if r.domain is not None)
+        self._has_ip_allow = bool(ip_allow)
+        in_play = default == "allow" or bool(self._domain_allow)  # see the module docstring
+        builtins = builtin_denies(host_addresses) if in_play else []
+        self._ordered: tuple[Rule, ...] = (*ip_deny, *self._domain_deny, *ip_allow, *builtins, *self._domain_allow)
+
+    @property
+    def has_domain_rules(self) -> bool:
+        """True if any user rule is a domain rule (the engine then needs the names)."""
+        return bool(self._domain_deny or self._domain_allow)
 
     def ordered_rules(self) -> list[Rule]:
-        """Evaluation order, first match wins: user denies, user allows, then builtin denies."""
+        """Evaluation order, first match wins: user IP denies, user domain denies, user IP allows,
+        builtin denies (when in play), user domain allows.  What `compile_ruleset` takes."""
         return list(self._ordered)
 
-    def evaluate(self, proto: Proto, addr: IPAddress | str, port: int) -> Decision:
-        """First matching rule's verdict, else the default.  Memoised per destination (a
-        Policy never changes; the engine asks once per connection, often for the same few)."""
-        key = (proto, addr, port)
+    def ip_rules(self) -> list[Rule]:
+        """The static part: `ordered_rules()` without the domain rules (decidable without names)."""
+        return [r for r in self._ordered if r.domain is None]
+
+    def domain_rules(self) -> list[Rule]:
+        """The domain rules, in evaluation order (denies first)."""
+        return [*self._domain_deny, *self._domain_allow]
+
+    def evaluate(self, proto: EvalProto, addr: IPAddress | str, port: int, *,
+                 names: Iterable[str] = ()) -> Decision:
+        """First matching rule's verdict, else the default.  ``names``: the names the DNS stub
+        served for ``addr`` to this sandbox.  Memoised per (destination, names) (a Policy never
+        changes; the engine asks once per connection, often for the same few)."""
+        names_t = names if isinstance(names, tuple) else tuple(names)
+        if not self.has_domain_rules:
+            names_t = ()
+        key = (proto, addr, port, names_t)
         decision = self._memo.get(key)
         if decision is None:
-            decision = self._evaluate(proto, addr, port)
+            decision = self._evaluate(proto, addr, port, names_t)
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
             self._memo[key] = decision
         return decision
 
-    def _evaluate(self, proto: Proto, addr: IPAddress | str, port: int) -> Decision:
-        if proto not in _PROTOS:
-            raise ValueError(f"proto must be 'tcp' or 'udp', not {proto!r}")
+    def _evaluate(self, proto: EvalProto, addr: IPAddress | str, port: int, names: tuple[str, ...]) -> Decision:
+        if proto not in _EVAL_PROTOS:
+            raise ValueError(f"proto must be 'tcp', 'udp' or 'icmp', not {proto!r}")
         ip = _unmap(ipaddress.ip_address(addr))
+        norm = tuple(normalize_name(n) for n in names)
         for rule in self._ordered:
-            if rule.matches(proto, ip, port):
-                return Decision(rule.action, rule.text)
+            if not rule.applies(proto, port):
+                continue
+            if rule.domain is None:
+                if ip in rule.network:  # type: ignore[operator]
+                    return Decision(rule.action, rule.text)
+            else:
+                for n in norm:
+                    if rule.domain._matches_normalized(n):
+                        return Decision(rule.action, rule.text, n)
         return Decision(self.default, "default")
+
+    def evaluate_name(self, name: str) -> Decision:
+        """May this sandbox resolve ``name``?  The table in the module docstring."""
+        n = normalize_name(name)
+        for rule in self._domain_deny:
+            if rule.proto is None and rule.ports is None and rule.domain._matches_normalized(n):  # type: ignore[union-attr]
+                return Decision("deny", rule.text, n)
+        for rule in self._domain_allow:
+            if rule.domain._matches_normalized(n):  # type: ignore[union-attr]
+                return Decision("allow", rule.text, n)
+        if self.default == "allow":
+            return Decision("allow", "default")
+        if self._has_ip_allow:
+            return Decision("allow", IP_ALLOW_RULES)
+        return Decision("deny", "default")
 
 
 @dataclass(frozen=True)

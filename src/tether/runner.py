@@ -8,6 +8,7 @@ sandbox remains on the host.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -44,6 +45,12 @@ class RunOptions:
     log: str | None = None
     mtu: int = 65520
     connect_timeout: float = 10.0
+    dns: list[str] = field(default_factory=list)
+    dns_deny: str = "refused"
+    dns_passthrough: bool = False
+    udp_timeout: float = 60.0
+    ipv4_only: bool = False
+    ipv6_only: bool = False
     map_root: bool = False
     name: str | None = None
     verbose: bool = False
@@ -99,6 +106,33 @@ def _open_log(path: str | None) -> TextIO | None:
         raise RunError(f"cannot open audit log {path}: {exc.strerror}") from None
 
 
+def host_resolvers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The host's resolvers (``nameserver`` lines), which the DNS stub forwards to."""
+    found = []
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    try:
+                        found.append((str(ipaddress.ip_address(fields[1].split("%")[0])), 53))
+                    except ValueError:
+                        continue
+    except OSError:
+        pass
+    return found
+
+
+def _dns_upstreams(opts: RunOptions) -> list[tuple[str, int]]:
+    upstreams = []
+    for text in opts.dns:
+        try:
+            upstreams.append((str(ipaddress.ip_address(text)), 53))
+        except ValueError:
+            raise RunError(f"bad --dns {text!r}: not an IP address") from None
+    return upstreams or host_resolvers()
+
+
 def _foreground_tty() -> int | None:
     """The fd of our controlling terminal if we are its foreground job (CMD then takes it)."""
     for fd in (0, 1, 2):
@@ -118,21 +152,32 @@ def run(opts: RunOptions) -> int:
             raise RunError(f"bad --allow-host port {port}: must be 1-65535")
     if not 576 <= opts.mtu <= 65520:
         raise RunError(f"bad --mtu {opts.mtu}: must be 576-65520")
+    if opts.ipv4_only and opts.ipv6_only:
+        raise RunError("--ipv4-only and --ipv6-only exclude each other")
     policy = _build_policy(opts)
+    upstreams = _dns_upstreams(opts)
     check_prerequisites()
     net = SandboxNet(mtu=opts.mtu)
+    ipv4, ipv6 = not opts.ipv6_only, not opts.ipv4_only
+    resolv_conf = "".join(f"nameserver {server}\n" for enabled, server in ((ipv4, net.dns), (ipv6, net.dns6))
+                          if enabled)
     name = opts.name or f"sbx-{os.getpid()}"
     rules = policy.ordered_rules()
-    ruleset = compile_ruleset(rules, policy.default, 0, opts.allow_host, net)
+    dns_to_stub = not opts.dns_passthrough
+    ruleset = compile_ruleset(rules, policy.default, 0, opts.allow_host, net, dns_to_stub)
     sink = _open_log(opts.log)
     audit = Audit(name, sink)
     tty_fd = _foreground_tty()
     spec = SandboxSpec(
         argv=opts.argv,
-        ruleset_for_port=lambda port: compile_ruleset(rules, policy.default, port, opts.allow_host, net).script,
+        ruleset_for_port=lambda port: compile_ruleset(rules, policy.default, port, opts.allow_host, net,
+                                                      dns_to_stub).script,
         net=net,
         map_root=opts.map_root,
         tty_fd=tty_fd,
+        resolv_conf=resolv_conf,
+        ipv4=ipv4,
+        ipv6=ipv6,
     )
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we write to the tty while CMD owns it
     _sys.raise_fd_limit()
@@ -152,11 +197,13 @@ def run(opts: RunOptions) -> int:
         # and the holder set the sandbox up on the other core.
         import asyncio
 
-        from tether.engine.proxy.engine import ProxyEngine
+        from tether.engine.proxy.engine import DnsSettings, ProxyEngine
 
-        engine = ProxyEngine(listener=sandbox.listener, nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy,
-                             ruleset=ruleset, audit=audit, allow_host_ports=frozenset(opts.allow_host), net=net,
-                             connect_timeout=opts.connect_timeout)
+        dns = DnsSettings(upstreams, "NXDOMAIN" if opts.dns_deny == "nxdomain" else "REFUSED", opts.dns_passthrough)
+        engine = ProxyEngine(tcp_listeners=sandbox.tcp_listeners, udp_sockets=sandbox.udp_sockets,
+                             nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy, ruleset=ruleset, audit=audit,
+                             allow_host_ports=frozenset(opts.allow_host), net=net, dns=dns,
+                             connect_timeout=opts.connect_timeout, udp_timeout=opts.udp_timeout)
         return asyncio.run(_serve(sandbox, engine, tty_fd))
     finally:
         _reap(sandbox.holder_pid)
@@ -229,6 +276,7 @@ async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> i
     engine.start()
     try:
         code = await finished
+        await engine.drain()
     finally:
         engine.close()
         loop.remove_reader(sandbox.control.fileno())

@@ -14,7 +14,9 @@ BAD_RULES = [
     pytest.param("[::1", id="ipv6-unclosed-bracket"),
     pytest.param("1.2.3.4:10-5", id="port-range-reversed"),
     pytest.param("", id="empty"),
-    pytest.param("example.com", id="domain-not-yet-supported"),
+    pytest.param("bücher.test", id="domain-not-ascii"),
+    pytest.param("*.*.example.test", id="domain-double-wildcard"),
+    pytest.param("bad..example.test", id="domain-empty-label"),
 ]
 
 
@@ -54,7 +56,7 @@ BAD_POLICIES = [
     pytest.param('default = "maybe"\n', ["maybe"], id="default-maybe"),
     pytest.param('allow = ["10.0.0.0/33"]\n', ["10.0.0.0/33"], id="bad-rule-cidr-prefix-33"),
     pytest.param('deny = ["1.2.3.4:10-5"]\n', ["1.2.3.4:10-5"], id="bad-rule-port-range-reversed"),
-    pytest.param('allow = ["example.com"]\n', ["example.com"], id="bad-rule-domain"),
+    pytest.param('allow = ["bad..example.test"]\n', ["bad..example.test"], id="bad-rule-domain"),
 ]
 
 

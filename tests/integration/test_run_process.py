@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from world import DNS, GATEWAY, INSIDE_VIEW, LIST_FDS, SANDBOX_ADDR, SANDBOX_PYTHON, describe
+from world import DNS, GATEWAY, INSIDE_VIEW, LIST_FDS, SANDBOX_ADDR, SANDBOX_PYTHON, describe, probe
+
+SANDBOX_ADDR6 = "fd00:7e7e::100"
+DNS6 = "fd00:7e7e::3"
 
 # -- exit status -----------------------------------------------------------------------------
 
@@ -129,10 +132,36 @@ def test_inside_view(tether):
     assert len(defaults) == 1, view["routes"]
     assert defaults[0].get("gateway") == GATEWAY and defaults[0].get("dev") == "tun0", defaults
 
-    nameservers = [line.split()[1] for line in view["resolv"].splitlines()
-                   if line.split()[:1] == ["nameserver"]]
-    assert nameservers == [DNS], view["resolv"]
+    assert _global_ipv6_addrs(view["addrs"]) == {("tun0", SANDBOX_ADDR6, 64)}, view["addrs"]
+
+    assert _nameservers(view) == [DNS, DNS6], view["resolv"]
     assert Path("/etc/resolv.conf").read_bytes() == host_resolv, "the host's resolv.conf changed"
+
+
+def _global_ipv6_addrs(addrs: list[dict]) -> set[tuple[str, str, int]]:
+    return {(a["ifname"], i["local"], i["prefixlen"])
+            for a in addrs for i in a.get("addr_info", []) if i.get("family") == "inet6" and i.get("scope") == "global"}
+
+
+def _nameservers(view: dict) -> list[str]:
+    return [line.split()[1] for line in view["resolv"].splitlines() if line.split()[:1] == ["nameserver"]]
+
+
+@pytest.mark.parametrize("flag", ["--ipv4-only", "--ipv6-only"])
+def test_single_family(tether, flag):
+    view, r = tether.python_json(INSIDE_VIEW, opts=[flag])
+    if flag == "--ipv4-only":
+        assert _global_ipv6_addrs(view["addrs"]) == set(), view["addrs"]
+        assert _ipv4_addrs(view["addrs"]) == {("lo", "127.0.0.1", 8), ("tun0", SANDBOX_ADDR, 24)}
+        assert _nameservers(view) == [DNS]
+    else:
+        assert _ipv4_addrs(view["addrs"]) == {("lo", "127.0.0.1", 8)}, view["addrs"]
+        assert _global_ipv6_addrs(view["addrs"]) == {("tun0", SANDBOX_ADDR6, 64)}
+        assert _nameservers(view) == [DNS6]
+    # The switched-off family fails fast with ENETUNREACH, not a timeout.
+    target = "[2001:db8:10::10]:80" if flag == "--ipv4-only" else "203.0.113.10:80"
+    res, r = probe(tether, [target], [flag])
+    assert res[target]["errno"] == "ENETUNREACH", res
 
 
 def test_id_maps_to_caller(tether):

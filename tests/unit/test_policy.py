@@ -1,7 +1,9 @@
-"""Unit tests for tether.policy: rule grammar, evaluation order, builtin profile, policy files.
+"""Unit tests for tether.policy: rule grammar, evaluation order, builtin profile, policy files,
+domain rules (grammar, matching, evaluation with the names the DNS stub served, evaluate_name).
 
 The evaluator is pure, so the properties are checked directly with hypothesis: rules are generated
-as (network, ports, proto), formatted as the user would type them, and parsed back.
+as (network, ports, proto) or (scheme, pattern, port), formatted as the user would type them, and
+parsed back; evaluation is checked against "first match over ordered_rules()".
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from tether.names import normalize_name
 from tether.policy import (
     BUILTIN_RANGES,
+    IP_ALLOW_RULES,
     Decision,
+    DomainPattern,
     Policy,
     PolicyFileError,
     PolicySpec,
@@ -80,10 +85,6 @@ BAD = [
     ("tcp://", "missing address"),
     (":80", "missing address"),
     ("[]:80", "missing address"),
-    ("example.com", "domain rules are not supported yet (IP/CIDR only)"),
-    ("*.example.com", "domain rules are not supported yet (IP/CIDR only)"),
-    ("tcp://example.com:443", "domain rules are not supported yet (IP/CIDR only)"),
-    ("localhost", "domain rules are not supported yet (IP/CIDR only)"),
     ("203.0.113.7:", "missing port after ':'"),
     ("[2001:db8::1]:", "missing port after ':'"),
     ("203.0.113.7:0", "port 0 is out of range (1-65535)"),
@@ -369,7 +370,7 @@ def test_policy_rejects_misfiled_rules_and_bad_default():
 
 def test_evaluate_rejects_bad_proto_and_address():
     with pytest.raises(ValueError, match="proto"):
-        Policy().evaluate("icmp", "203.0.113.1", 0)  # type: ignore[arg-type]
+        Policy().evaluate("sctp", "203.0.113.1", 0)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Policy().evaluate("tcp", "example.com", 80)
 
@@ -404,8 +405,8 @@ FILE_ERRORS = [
     ("non-string-default", "default = true\n", ["key 'default'"]),
     ("bad-rule-at-index-2", 'deny = ["203.0.113.1", "198.51.100.0/24", "10.0.0.1/8"]\n',
      ["deny[2]", "bad rule '10.0.0.1/8': host bits set; did you mean 10.0.0.0/8?"]),
-    ("domain-rule-at-index-0", 'allow = ["example.com"]\n',
-     ["allow[0]", "domain rules are not supported yet"]),
+    ("bad-domain-rule-at-index-1", 'allow = ["example.test", "*.b\u00fccher.test"]\n',
+     ["allow[1]", "bad rule '*.b\u00fccher.test': non-ASCII name", "'*.xn--bcher-kva.test'"]),
     ("toml-syntax-error-line-2", 'default = "allow"\nallow = [203.0.113.1]\ndeny = []\n',
      ["TOML syntax error", "line 2"]),
     ("toml-unterminated-after-line-3", 'default = "allow"\nallow = []\ndeny = [\n\n',
@@ -462,3 +463,421 @@ def test_build_policy_raises_rule_error_for_bad_cli_rule():
         build_policy(None, ["http://x"], [], None)
     with pytest.raises(RuleError, match="port 0"):
         build_policy(None, [], ["203.0.113.1:0"], None)
+
+
+# === domain rules ===================================================================================
+NAME_253 = ".".join(["a" * 63] * 3 + ["b" * 61])
+assert len(NAME_253) == 253
+
+
+def short_id(text: str) -> str:
+    return repr(text) if len(text) <= 40 else f"<{len(text)} characters>"
+
+
+DOMAIN_GOOD = [
+    # text, pattern name, kind, ports, proto
+    ("example.test", "example.test", "suffix", None, None),
+    ("*.example.test", "example.test", "subdomains", None, None),
+    ("=example.test", "example.test", "exact", None, None),
+    ("tcp://*.example.test:443", "example.test", "subdomains", (443, 443), "tcp"),
+    ("udp://=ns.example.test:53", "ns.example.test", "exact", (53, 53), "udp"),
+    ("example.test:8000-8100", "example.test", "suffix", (8000, 8100), None),
+    ("TCP://WWW.Example.TEST:80", "www.example.test", "suffix", (80, 80), "tcp"),
+    ("example.test.", "example.test", "suffix", None, None),
+    ("*.example.test.:443", "example.test", "subdomains", (443, 443), None),
+    ("localhost", "localhost", "suffix", None, None),
+    ("test", "test", "suffix", None, None),
+    ("*.test", "test", "subdomains", None, None),
+    ("_dmarc.example.test", "_dmarc.example.test", "suffix", None, None),
+    ("a-b_c.x1.example-1.test", "a-b_c.x1.example-1.test", "suffix", None, None),
+    ("xn--bcher-kva.test", "xn--bcher-kva.test", "suffix", None, None),
+    ("1.2.3.4a", "1.2.3.4a", "suffix", None, None),  # last label has a letter: a name
+    ("a" * 63 + ".test", "a" * 63 + ".test", "suffix", None, None),
+    (NAME_253, NAME_253, "suffix", None, None),
+    (NAME_253 + ".", NAME_253, "suffix", None, None),  # the final dot does not count
+]
+
+
+@pytest.mark.parametrize("text,name,kind,ports,proto", DOMAIN_GOOD, ids=[short_id(g[0]) for g in DOMAIN_GOOD])
+@pytest.mark.parametrize("action", ["allow", "deny"])
+def test_parse_accepts_domain_grammar(text, name, kind, ports, proto, action):
+    rule = parse_rule(text, action)
+    assert rule == Rule(text=text, action=action, network=None, ports=ports, proto=proto,
+                        domain=DomainPattern(name, kind))
+    assert rule.network is None
+
+
+DOMAIN_BAD = [
+    # text, fragment of the reason
+    ("b\u00fccher.test", ("non-ASCII name: write internationalised names in their IDNA (punycode) form, "
+                          "e.g. 'xn--bcher-kva.test'")),
+    ("*.b\u00fccher.test", "e.g. '*.xn--bcher-kva.test'"),
+    ("ex\u212aample.test", "non-ASCII name"),  # KELVIN SIGN: must not silently become 'k'
+    ("\u0440\u0443.test", "non-ASCII name"),
+    ("*", "'*' must be a whole first label"),
+    ("**.example.test", "'*' must be a whole first label"),
+    ("*example.test", "'*' must be a whole first label"),
+    ("*.", "missing name after '*.'"),
+    ("=", "missing name after '='"),
+    ("tcp://=:443", "missing name after '='"),
+    ("a.*.example.test", "'*' is allowed only as the whole first label"),
+    ("=*.example.test", "'*' is allowed only as the whole first label"),
+    ("*.=example.test", "'=' is allowed only at the start"),
+    ("ex=ample.test", "'=' is allowed only at the start"),
+    (".example.test", "a name cannot start with '.' (for the names below it write '*.example.test')"),
+    ("example..test", "empty label ('..')"),
+    ("example.test..", "empty label ('..')"),
+    ("*..example.test", "a name cannot start with '.'"),
+    ("a" * 64 + ".test", "is 64 characters long (at most 63)"),
+    (NAME_253 + "a", "name is 254 characters long (at most 253)"),
+    ("example.123", "the last label '123' has no letter"),
+    ("10.0.0.1-5", "'10.0.0.1-5' is not an IP address or CIDR"),
+    ("ex!ample.test", "character '!' is not allowed in names"),
+    ("example.test!", "character '!' is not allowed in names"),
+    ("example.test/24", "a prefix length ('/24') is for IP addresses, not names"),
+    ("[example.test]:443", "brackets are only for IPv6 addresses"),
+    ("example.test:", "missing port after ':'"),
+    ("example.test:0", "port 0 is out of range"),
+    ("example.test:http", "bad port 'http'"),
+    ("example.test:80:90", "bad port '80:90'"),
+    ("*.example.test:90-80", "port range 90-80 is reversed"),
+    ("http://example.test", "unknown scheme 'http://'"),
+    ("tcp://tcp://example.test", "unexpected '://'"),
+    ("cafe:80:90", "'cafe:80:90' is not an IP address or CIDR"),  # a mistyped IPv6 address, not a name
+]
+
+
+@pytest.mark.parametrize("text,reason", DOMAIN_BAD, ids=[short_id(b[0]) for b in DOMAIN_BAD])
+def test_parse_rejects_bad_domain_rules(text, reason):
+    with pytest.raises(RuleError) as info:
+        parse_rule(text, "allow")
+    assert info.value.rule == text
+    assert reason in info.value.reason, info.value.reason
+    assert str(info.value).startswith(f"bad rule '{text}': ")
+
+
+def test_domain_pattern_parse_and_str():
+    for text, shown in [("Example.TEST.", "example.test"), ("*.a.Test", "*.a.test"), ("=A.test", "=a.test")]:
+        pattern = DomainPattern.parse(text)
+        assert str(pattern) == shown
+        assert DomainPattern.parse(shown) == pattern
+    with pytest.raises(ValueError, match="non-ASCII"):
+        DomainPattern.parse("\u00e9.test")
+    with pytest.raises(ValueError, match="kind"):
+        DomainPattern("example.test", "prefix")  # type: ignore[arg-type]
+
+
+def test_rule_needs_exactly_one_of_network_and_domain():
+    with pytest.raises(ValueError, match="exactly one"):
+        Rule("x", "allow", None, None, None)
+    with pytest.raises(ValueError, match="exactly one"):
+        Rule("x", "allow", ip_network("203.0.113.0/24"), None, None, DomainPattern("x.test"))
+
+
+MATCH_CASES = [
+    # pattern, name, matches
+    ("example.test", "example.test", True),
+    ("example.test", "www.example.test", True),
+    ("example.test", "a.b.c.example.test", True),
+    ("example.test", "notexample.test", False),  # a suffix of labels, not of characters
+    ("example.test", "example.test.evil", False),
+    ("example.test", "test", False),
+    ("*.example.test", "example.test", False),  # the apex is not a subdomain
+    ("*.example.test", "www.example.test", True),
+    ("*.example.test", "a.b.example.test", True),
+    ("*.example.test", "wwwexample.test", False),
+    ("*.example.test", ".example.test", False),  # an empty label is not a subdomain
+    ("=example.test", "example.test", True),
+    ("=example.test", "www.example.test", False),
+    ("example.test", "WWW.EXAMPLE.TEST", True),
+    ("example.test", "Example.Test.", True),
+    ("=example.test", "EXAMPLE.test.", True),
+    ("*.example.test", "WWW.example.test.", True),
+    ("example.test", "example.test..", False),  # only one final dot is ignored
+    ("example.test", "ex\u212aample.test", False),  # KELVIN SIGN is not 'k'
+    ("example.test", "\u00e9.example.test", True),  # a served name below example.test is below it
+    ("example.test", "", False),
+    ("example.test", ".", False),
+]
+
+
+@pytest.mark.parametrize("pattern,name,expected", MATCH_CASES, ids=[f"{p}~{n!r}" for p, n, _ in MATCH_CASES])
+def test_domain_matching(pattern, name, expected):
+    assert DomainPattern.parse(pattern).matches(name) is expected
+    rule = parse_rule(pattern, "allow")
+    assert rule.matches("tcp", IPv4Address("203.0.113.1"), 80, [name]) is expected
+    assert rule.matching_name(["nomatch.invalid", name]) == (normalize_name(name) if expected else None)
+
+
+labels_st = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_", min_size=1,
+                    max_size=12)
+names_st = st.lists(labels_st, min_size=1, max_size=4).map(".".join).filter(
+    lambda n: any(c.isalpha() for c in n.rsplit(".", 1)[-1]))
+
+
+@given(names_st, st.sampled_from(["", "*.", "="]), port_ranges, protos, st.booleans(),
+       st.sampled_from(["allow", "deny"]))
+def test_domain_round_trip(name, prefix, ports, proto, final_dot, action):
+    text = (f"{proto}://" if proto else "") + prefix + name + ("." if final_dot else "")
+    if ports is not None:
+        text += f":{ports[0]}" if ports[0] == ports[1] else f":{ports[0]}-{ports[1]}"
+    rule = parse_rule(text, action)
+    kind = {"": "suffix", "*.": "subdomains", "=": "exact"}[prefix]
+    assert rule == Rule(text, action, None, ports, proto, DomainPattern(name.lower(), kind))
+    assert parse_rule(str(rule.domain), action).domain == rule.domain
+
+
+@given(names_st, names_st, st.sampled_from(["", "*.", "="]))
+def test_domain_matching_property(base, sub, prefix):
+    """suffix = exact OR subdomains; subdomains = ends with '.' + base; names compare case-blind."""
+    pattern = DomainPattern.parse(prefix + base)
+    for candidate in (base, f"{sub}.{base}", sub, base.upper() + ".", f"{sub}{base}"):
+        n = candidate.lower().removesuffix(".")
+        exact = n == base.lower()
+        below = n.endswith("." + base.lower())
+        expected = {"": exact or below, "*.": below, "=": exact}[prefix]
+        assert pattern.matches(candidate) is expected, candidate
+
+
+# --- evaluate with names --------------------------------------------------------------------------
+
+PUBLIC = "203.0.113.10"
+
+
+def pol(allow=(), deny=(), default="allow", hosts=()):
+    return Policy([parse_rule(t, "allow") for t in allow], [parse_rule(t, "deny") for t in deny], default, hosts)
+
+
+def test_domain_allow_under_default_deny_needs_a_matching_name():
+    p = pol(["*.example.test"], default="deny")
+    assert p.evaluate("tcp", PUBLIC, 443, names=["www.example.test"]) == Decision(
+        "allow", "*.example.test", "www.example.test")
+    assert p.evaluate("tcp", PUBLIC, 443) == Decision("deny", "default")  # never resolved: IP rules only
+    assert p.evaluate("tcp", PUBLIC, 443, names=["example.test"]) == Decision("deny", "default")  # apex
+    assert p.evaluate("tcp", PUBLIC, 443, names=["other.test"]) == Decision("deny", "default")
+    # any one of the names suffices, and the decision names the one that matched (normalised)
+    assert p.evaluate("udp", PUBLIC, 53, names=["other.test", "WWW.Example.Test."]) == Decision(
+        "allow", "*.example.test", "www.example.test")
+
+
+def test_domain_rule_proto_and_ports():
+    p = pol(["tcp://*.example.test:443", "udp://=dns.example.test:53"], default="deny")
+    www, dns = ["www.example.test"], ["dns.example.test"]
+    assert p.evaluate("tcp", PUBLIC, 443, names=www).verdict == "allow"
+    assert p.evaluate("tcp", PUBLIC, 80, names=www) == Decision("deny", "default")
+    assert p.evaluate("udp", PUBLIC, 443, names=www) == Decision("deny", "default")
+    assert p.evaluate("udp", PUBLIC, 53, names=dns) == Decision("allow", "udp://=dns.example.test:53",
+                                                                 "dns.example.test")
+    assert p.evaluate("tcp", PUBLIC, 53, names=dns).verdict == "deny"
+
+
+DENY_BEATS_ALLOW = [
+    # allow, deny, names, expected rule (all deny)
+    (["203.0.113.0/24"], ["ads.example.test"], ["ads.example.test"], "ads.example.test"),
+    (["203.0.113.0/24"], ["*.example.test"], ["a.example.test"], "*.example.test"),
+    (["*.example.test"], ["203.0.113.10"], ["a.example.test"], "203.0.113.10"),
+    (["example.test"], ["=ads.example.test"], ["ads.example.test"], "=ads.example.test"),
+    (["=www.example.test"], ["*.example.test"], ["www.example.test"], "*.example.test"),
+    # a CNAME chain: the asked-for name is allowed, the target is denied
+    (["*.example.test"], ["tracker.other.test"], ["cdn.example.test", "tracker.other.test"], "tracker.other.test"),
+    # IP deny before domain deny: the IP rule's label
+    (["*.example.test"], ["ads.example.test", "203.0.113.0/24"], ["ads.example.test"], "203.0.113.0/24"),
+]
+
+
+@pytest.mark.parametrize("default", ["allow", "deny"])
+@pytest.mark.parametrize("allow,deny,names,rule", DENY_BEATS_ALLOW,
+                         ids=[f"allow{a}-deny{d}" for a, d, _, _ in DENY_BEATS_ALLOW])
+def test_deny_beats_allow_across_kinds(allow, deny, names, rule, default):
+    decision = pol(allow, deny, default).evaluate("tcp", PUBLIC, 443, names=names)
+    assert (decision.verdict, decision.rule) == ("deny", rule)
+    assert decision.name == (None if parse_rule(rule, "deny").domain is None else
+                             next(n for n in names if parse_rule(rule, "deny").domain.matches(n)))
+
+
+def test_domain_deny_is_not_applied_without_the_name():
+    p = pol(["203.0.113.0/24"], ["ads.example.test"], "deny")
+    assert p.evaluate("tcp", PUBLIC, 443) == Decision("allow", "203.0.113.0/24")
+    assert p.evaluate("tcp", PUBLIC, 443, names=["www.example.test"]) == Decision("allow", "203.0.113.0/24")
+
+
+REBINDING = [("127.0.0.1", "builtin:loopback"), ("::1", "builtin:loopback"),
+             ("169.254.169.254", "builtin:link-local"), ("::ffff:169.254.169.254", "builtin:link-local"),
+             ("fe80::1", "builtin:link-local"), ("10.1.2.3", "builtin:private"), ("192.168.1.1", "builtin:private"),
+             ("fd00::1", "builtin:private"), ("100.64.0.1", "builtin:cgnat"), ("224.0.0.251", "builtin:multicast"),
+             ("0.0.0.0", "builtin:unspecified"), ("198.51.100.5", "builtin:host-address")]
+
+
+@pytest.mark.parametrize("default", ["allow", "deny"])
+@pytest.mark.parametrize("addr,label", REBINDING, ids=[a for a, _ in REBINDING])
+def test_domain_allow_does_not_pierce_builtin_denies(addr, label, default):
+    """DNS rebinding: evil.example.test A 127.0.0.1 must not open the host's loopback."""
+    hosts = [IPv4Address("198.51.100.5")]
+    p = pol(["*.example.test", "tcp://=evil.example.test:80"], default=default, hosts=hosts)
+    for proto in ("tcp", "udp", "icmp"):
+        port = 0 if proto == "icmp" else 80
+        assert p.evaluate(proto, addr, port, names=["evil.example.test"]) == Decision("deny", label)
+    # only an explicit IP allow pierces it
+    q = pol(["*.example.test", addr if ":" not in addr else f"[{addr}]"], default=default, hosts=hosts)
+    assert q.evaluate("tcp", addr, 80, names=["evil.example.test"]).verdict == "allow"
+
+
+@given(st.lists(rules_st, max_size=3), st.lists(rules_st, max_size=3), st.sampled_from(["allow", "deny"]),
+       st.sampled_from(BUILTIN_CASES), st.integers(0, 2**128), st.sampled_from(["tcp", "udp"]),
+       st.integers(1, 65535))
+def test_domain_allow_never_pierces_a_builtin(allow, deny, default, builtin, offset, proto, port):
+    _label, cidr = builtin
+    addr = addr_in(ip_network(cidr), offset)
+    p = Policy([parse_rule(t, "allow") for t in allow] + [parse_rule("example.test", "allow")],
+               [parse_rule(t, "deny") for t in deny], default)
+    with_name = p.evaluate(proto, addr, port, names=["www.example.test"])
+    without = p.evaluate(proto, addr, port)
+    assert with_name == without  # the name changes nothing for a builtin address
+    if without.verdict == "allow":
+        assert without.rule in allow  # only an IP allow lets it through
+
+
+def test_ordered_rules_with_domains():
+    p = pol(allow=["a.test", "203.0.113.0/24", "*.b.test"], deny=["c.test", "198.51.100.7", "=d.test"],
+            default="deny")
+    texts = [r.text for r in p.ordered_rules()]
+    builtin = [r.text for r in builtin_denies()]
+    # IP denies, domain denies, IP allows, builtins (in play: domain allows exist), domain allows
+    assert texts == ["198.51.100.7", "c.test", "=d.test", "203.0.113.0/24", *builtin, "a.test", "*.b.test"]
+    assert [r.text for r in p.ip_rules()] == ["198.51.100.7", "203.0.113.0/24", *builtin]
+    assert [r.text for r in p.domain_rules()] == ["c.test", "=d.test", "a.test", "*.b.test"]
+    assert p.has_domain_rules
+    # builtins are in play under default deny only when a domain allow exists
+    assert pol(deny=["c.test"], default="deny").ordered_rules() == [parse_rule("c.test", "deny")]
+    assert not pol(["203.0.113.0/24"]).has_domain_rules
+    assert pol(deny=["c.test"]).has_domain_rules
+
+
+def test_builtin_label_under_default_deny_depends_on_domain_allows():
+    """Default deny: a private address is "default" unless domain allows put the builtins in play
+    (the kernel logs the same label: see test_nft)."""
+    assert pol(default="deny").evaluate("tcp", "10.1.2.3", 80) == Decision("deny", "default")
+    assert pol(["x.test"], default="deny").evaluate("tcp", "10.1.2.3", 80) == Decision("deny", "builtin:private")
+
+
+def test_icmp_matches_only_rules_without_proto_and_port():
+    p = pol(["203.0.113.0/24", "tcp://198.51.100.0/24", "192.0.2.0/24:1-65535", "*.example.test"],
+            default="deny")
+    assert p.evaluate("icmp", "203.0.113.5", 0) == Decision("allow", "203.0.113.0/24")
+    assert p.evaluate("icmp", "198.51.100.5", 0) == Decision("deny", "default")
+    assert p.evaluate("icmp", "192.0.2.5", 0) == Decision("deny", "default")
+    assert p.evaluate("icmp", "8.8.8.8", 0, names=["a.example.test"]).verdict == "allow"
+    assert p.evaluate("icmp", "127.0.0.1", 0, names=["a.example.test"]) == Decision("deny", "builtin:loopback")
+
+
+def test_evaluate_memo_keeps_names_apart():
+    p = pol(["x.test"], default="deny")
+    assert p.evaluate("tcp", PUBLIC, 1, names=("x.test",)).verdict == "allow"
+    assert p.evaluate("tcp", PUBLIC, 1).verdict == "deny"
+    assert p.evaluate("tcp", PUBLIC, 1, names=iter(["y.test", "x.test"])).verdict == "allow"  # any iterable
+    assert p.evaluate("tcp", PUBLIC, 1, names=["y.test"]).verdict == "deny"
+
+
+def test_decision_is_positional_and_name_defaults_to_none():
+    d = Decision("deny", "default")
+    assert (d.verdict, d.rule, d.name) == ("deny", "default", None)
+    assert Decision("allow", "x.test", "a.x.test").name == "a.x.test"
+    assert pol().evaluate("tcp", PUBLIC, 80, names=["a.test"]) == Decision("allow", "default")
+
+
+domain_texts = st.tuples(
+    st.sampled_from(["", "tcp://", "udp://"]), st.sampled_from(["", "*.", "="]),
+    st.sampled_from(["example.test", "www.example.test", "other.test", "test", "a.b.example.test"]),
+    st.sampled_from(["", ":443", ":80-90", ":53"]),
+).map("".join)
+mixed_rules = st.one_of(rules_st, domain_texts)
+probe_names = st.lists(st.sampled_from(["example.test", "www.example.test", "a.b.example.test", "other.test",
+                                        "x.other.test", "test", "unrelated.invalid", "WWW.Example.Test."]),
+                       max_size=3)
+
+
+@given(st.lists(mixed_rules, max_size=6), st.lists(mixed_rules, max_size=6), st.sampled_from(["allow", "deny"]),
+       st.lists(st.ip_addresses(), max_size=2), probe_names, st.data())
+def test_evaluate_with_names_is_first_match_of_ordered_rules(allow, deny, default, hosts, names, data):
+    policy = Policy([parse_rule(t, "allow") for t in allow], [parse_rule(t, "deny") for t in deny], default, hosts)
+    ordered = policy.ordered_rules()
+    proto, addr, port = data.draw(probes([r for r in ordered if r.network is not None]))
+    first = next((r for r in ordered if r.matches(proto, addr, port, names)), None)
+    if first is None:
+        expected = Decision(default, "default")
+    else:
+        expected = Decision(first.action, first.text, first.matching_name(names))
+    assert policy.evaluate(proto, addr, port, names=names) == expected
+    # deny beats allow across kinds: an allow verdict means no deny rule of either kind matched
+    if expected.verdict == "allow":
+        assert not any(r.matches(proto, addr, port, names) for r in ordered if r.action == "deny"
+                       and not r.text.startswith("builtin:"))
+
+
+# --- evaluate_name ----------------------------------------------------------------------------------
+
+EVALUATE_NAME = [
+    # id, allow, deny, default, name, expected decision
+    ("default-allow-nothing", [], [], "allow", "a.test", Decision("allow", "default")),
+    ("default-deny-nothing", [], [], "deny", "a.test", Decision("deny", "default")),
+    ("deny-matches", [], ["ads.example.test"], "allow", "x.ads.example.test",
+     Decision("deny", "ads.example.test", "x.ads.example.test")),
+    ("deny-beats-allow", ["*.example.test"], ["=ads.example.test"], "allow", "ADS.example.test.",
+     Decision("deny", "=ads.example.test", "ads.example.test")),
+    ("deny-beats-allow-default-deny", ["example.test"], ["*.ads.example.test"], "deny", "a.ads.example.test",
+     Decision("deny", "*.ads.example.test", "a.ads.example.test")),
+    ("deny-not-matching", [], ["*.ads.example.test"], "allow", "ads.example.test", Decision("allow", "default")),
+    ("tcp-port-deny-does-not-stop-resolution", [], ["tcp://ads.example.test:443"], "allow", "ads.example.test",
+     Decision("allow", "default")),
+    ("udp-deny-does-not-stop-resolution", [], ["udp://ads.example.test"], "deny", "ads.example.test",
+     Decision("deny", "default")),
+    ("allow-matches-default-deny", ["*.example.test"], [], "deny", "www.example.test",
+     Decision("allow", "*.example.test", "www.example.test")),
+    ("allow-any-proto-port", ["tcp://=api.example.test:8443"], [], "deny", "api.example.test",
+     Decision("allow", "tcp://=api.example.test:8443", "api.example.test")),
+    ("allow-matches-default-allow", ["example.test"], [], "allow", "example.test",
+     Decision("allow", "example.test", "example.test")),
+    ("apex-not-subdomain", ["*.example.test"], [], "deny", "example.test", Decision("deny", "default")),
+    ("default-deny-ip-allow-lets-names-resolve", ["203.0.113.0/24"], [], "deny", "www.other.test",
+     Decision("allow", IP_ALLOW_RULES)),
+    ("default-deny-ip-allow-udp-only", ["udp://203.0.113.53:53"], [], "deny", "x.test",
+     Decision("allow", IP_ALLOW_RULES)),
+    ("default-deny-ip-deny-only", [], ["203.0.113.0/24"], "deny", "x.test", Decision("deny", "default")),
+    ("default-deny-ip-allow-and-domain-allow", ["203.0.113.0/24", "*.example.test"], [], "deny",
+     "www.example.test", Decision("allow", "*.example.test", "www.example.test")),
+    ("default-deny-ip-allow-domain-deny", ["203.0.113.0/24"], ["other.test"], "deny", "www.other.test",
+     Decision("deny", "other.test", "www.other.test")),
+    ("root-name", ["example.test"], [], "deny", ".", Decision("deny", "default")),
+]
+
+
+@pytest.mark.parametrize("allow,deny,default,name,expected", [c[1:] for c in EVALUATE_NAME],
+                         ids=[c[0] for c in EVALUATE_NAME])
+def test_evaluate_name(allow, deny, default, name, expected):
+    assert pol(allow, deny, default).evaluate_name(name) == expected
+
+
+@given(st.lists(mixed_rules, max_size=5), st.lists(mixed_rules, max_size=5), st.sampled_from(["allow", "deny"]),
+       probe_names.filter(bool))
+def test_a_name_whose_resolution_is_refused_can_never_allow_a_connection_by_name(allow, deny, default, names):
+    """If evaluate_name refuses NAME, no connection is allowed *because of* NAME: any allow
+    with NAME among the names is by an IP rule or the default."""
+    p = Policy([parse_rule(t, "allow") for t in allow], [parse_rule(t, "deny") for t in deny], default)
+    name = names[0]
+    if p.evaluate_name(name).verdict == "deny":
+        for proto, port in (("tcp", 443), ("udp", 53), ("tcp", 85)):
+            d = p.evaluate(proto, PUBLIC, port, names=[name])
+            assert d.verdict == "deny" or d.name is None
+
+
+def test_policy_file_with_domain_rules(tmp_path):
+    path = write(tmp_path, 'default = "deny"\nallow = ["*.example.test", "tcp://=api.other.test:443"]\n'
+                           'deny = ["ads.example.test"]\n')
+    spec = load_policy_file(path)
+    p = build_policy(spec, ["203.0.113.0/24"], [], None)
+    assert p.has_domain_rules
+    assert p.evaluate("tcp", "198.51.100.10", 443, names=["api.other.test"]) == Decision(
+        "allow", "tcp://=api.other.test:443", "api.other.test")
+    assert p.evaluate("tcp", PUBLIC, 443, names=["api.other.test"]) == Decision("allow", "203.0.113.0/24")
+    assert p.evaluate_name("x.ads.example.test") == Decision("deny", "ads.example.test", "x.ads.example.test")
+    assert p.evaluate_name("unlisted.test") == Decision("allow", IP_ALLOW_RULES)  # an IP allow exists

@@ -2,23 +2,52 @@
 
 Theory of operation
 -------------------
-Two chains in one ``inet tether`` table, both on the ``output`` hook (all sandbox traffic is
-locally generated):
+Four chains in one ``inet tether`` table (all sandbox traffic is locally generated):
 
-* ``decide`` (filter, priority -150: after conntrack at -200, before NAT at -100) sees the first
-  packet of each new TCP connection with its *original* destination.  It is the compiled form of
-  the policy: rules in evaluation order (``Policy.ordered_rules()``: first match wins), each
-  ``accept`` (allow) or ``log group N prefix "tether:K" reject with tcp reset`` (deny).  So a
-  denied ``connect()`` fails at once with ECONNREFUSED inside the kernel, and the NFLOG message
-  tells the engine which rule (label K) refused it, for the audit log.
-* ``capture`` (nat, priority -100) redirects every TCP connection that survived ``decide`` to
-  the engine's listening socket on 127.0.0.1:PORT inside the sandbox netns; the engine reads
-  SO_ORIGINAL_DST and dials from the host.
+* ``decide`` (filter, output, priority -180: after conntrack at -200, before UDP marking at -150
+  and NAT at -100) sees the first packet of each new TCP connection or UDP flow with its
+  *original* destination.  It is the compiled form of what the policy can decide WITHOUT NAMES,
+  for each protocol in ``KERNEL_DECIDED`` (TCP; UDP flows are decided by the engine): the rules of ``Policy.ordered_rules()`` in order (first match
+  wins), each ``accept`` or ``log group N prefix "tether:K" reject`` (TCP: with a reset; UDP: ICMP
+  port unreachable).  So a denied ``connect()`` fails at once inside the kernel with
+  ECONNREFUSED, and the NFLOG message tells the engine which rule (label K) refused it.  DNS (port
+  53) to the stub's addresses — and with ``dns_to_stub`` to any server — is accepted before any
+  rule: the stub answers it and applies the name policy.
+* ``capture`` (nat, output, -100) redirects every TCP connection that survived ``decide`` to the
+  engine's listener on 127.0.0.1:PORT / [::1]:PORT inside the netns (SO_ORIGINAL_DST tells the
+  engine where it was going).
+* ``mark_udp`` (route, output, mangle) marks UDP not addressed to a local address; a policy route
+  (fwmark ``UDP_MARK`` -> table ``UDP_TABLE``: ``local default dev lo``) loops it back into the
+  netns, where ``divert_udp`` (filter, prerouting, mangle) hands it with ``tproxy`` to the
+  engine's transparent UDP socket on the same PORT.  (Skipping local destinations matters: the
+  engine's replies are injected through the tun and must not be diverted again.)
+
+What the kernel decides, and what it leaves to the engine
+---------------------------------------------------------
+The kernel does not know which names the DNS stub served for an address, so it must never refuse
+what a name could allow, and never let through what must be refused whatever the names:
+
+* user IP deny rules -> reject, logged with the rule's text;
+* domain rules (deny or allow) -> not compiled.  A kernel ``accept`` only means "to the engine",
+  which evaluates again with the names and resets what it denies (e.g. an IP allow shadowed by a
+  domain deny of a name the sandbox resolved);
+* user IP allow rules -> accept;
+* builtin denies -> reject, with their ``builtin:...`` label.  Domain allows do not pierce them
+  (DNS rebinding), so they are sound in the kernel.  ``Policy`` lists them only when they can
+  matter (default allow, or default deny with domain allows); otherwise the default catch-all
+  refuses those addresses as ``default``, which is what ``Policy.evaluate`` says too;
+* the default-deny catch-all -> reject as ``default``, except for TCP ports some domain allow
+  rule covers (``tcp dport != { ... }``); with a domain allow for any port there is no catch-all
+  and everything left goes to the engine.
+
+``Policy.ordered_rules()`` puts IP denies before domain denies, so a kernel reject is always a
+deny for every set of names, with the same label unless a domain deny also matches (then the
+kernel's label is the IP rule's or builtin's, which is just as true).
 
 Traffic to the sandbox's own addresses leaves through ``lo`` and is never touched.  The gateway
 10.0.2.2 is reachable only on ``--allow-host`` ports (the engine maps them to the host's
-loopback); the rest of the sandbox subnet is refused.  UDP is refused with ICMP port unreachable
-(and logged) until the UDP relay exists, so resolvers fail fast instead of timing out.
+loopback); the rest of the sandbox subnets (10.0.2.0/24 and fd00:7e7e::/64, whose gateway
+fd00:7e7e::2 has no ``--allow-host`` ports) is refused, except DNS to the stub.
 
 The engine evaluates the same policy again on every accepted connection (defence in depth), so
 this compiler and ``Policy.evaluate`` must agree; tests check that they do.
@@ -27,8 +56,8 @@ this compiler and ``Policy.evaluate`` must agree; tests check that they do.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from tether.policy import Rule, Verdict
 
@@ -45,6 +74,9 @@ class SandboxNet:
     gateway: ipaddress.IPv4Address = ipaddress.IPv4Address("10.0.2.2")
     dns: ipaddress.IPv4Address = ipaddress.IPv4Address("10.0.2.3")
     mtu: int = 65520
+    address6: ipaddress.IPv6Interface = ipaddress.IPv6Interface("fd00:7e7e::100/64")
+    gateway6: ipaddress.IPv6Address = ipaddress.IPv6Address("fd00:7e7e::2")  # no --allow-host
+    dns6: ipaddress.IPv6Address = ipaddress.IPv6Address("fd00:7e7e::3")
 
 
 @dataclass
@@ -65,54 +97,111 @@ class Ruleset:
 
 
 GATEWAY_RULE = "gateway"
-UDP_RULE = "udp-not-relayed"
+UDP_MARK = 0x7E7E  # marks sandbox UDP for the policy route to the TPROXY socket
+UDP_TABLE = 0x7E7E  # routing table with "local default dev lo" for marked UDP
 
 
-def _match(rule: Rule) -> str:
+def _match(rule: Rule, proto: str) -> str:
+    assert rule.network is not None, rule
     family = "ip" if rule.network.version == 4 else "ip6"
-    parts = [f"meta l4proto tcp {family} daddr {rule.network}"]
+    parts = [f"meta l4proto {proto} {family} daddr {rule.network}"]
     if rule.ports is not None:
         lo, hi = rule.ports
-        parts.append(f"tcp dport {lo}" if lo == hi else f"tcp dport {lo}-{hi}")
+        parts.append(f"{proto} dport {lo}" if lo == hi else f"{proto} dport {lo}-{hi}")
     return " ".join(parts)
 
 
+def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, overlapping or adjacent ranges joined."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _default_catch_all(rules: Sequence[Rule], proto: str = "tcp") -> str | None:
+    """The match of the default-deny catch-all for ``proto``: everything except the ports a
+    domain allow rule could still allow (the engine decides those, with names); None if that
+    leaves nothing."""
+    domain_allows = [r for r in rules if r.domain is not None and r.action == "allow" and r.proto in (None, proto)]
+    if not domain_allows:
+        return f"meta l4proto {proto}"
+    if any(r.ports is None for r in domain_allows):
+        return None
+    ports = _merge([r.ports for r in domain_allows if r.ports is not None])
+    if ports == [(1, 65535)]:
+        return None
+    spec = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports)
+    return f"meta l4proto {proto} {proto} dport != {{ {spec} }}"
+
+
+REJECT = {"tcp": "reject with tcp reset", "udp": "reject with icmpx type port-unreachable"}
+# Protocols whose static policy the kernel enforces.  Not UDP: a datagram refused on the output
+# path fails send() with EPERM, while a denied flow must look like an unreachable port
+# (ECONNREFUSED on a connected socket); the engine refuses UDP flows with an ICMP error instead.
+KERNEL_DECIDED = ("tcp",)
+
+
 def compile_ruleset(rules: Sequence[Rule], default: Verdict, capture_port: int,
-                    allow_host_ports: Sequence[int] = (), net: SandboxNet = SandboxNet()) -> Ruleset:
-    """The nft script for ``rules`` (first match wins) and ``default``."""
+                    allow_host_ports: Sequence[int] = (), net: SandboxNet = SandboxNet(),
+                    dns_to_stub: bool = True) -> Ruleset:
+    """The nft script for ``rules`` (first match wins; pass ``Policy.ordered_rules()``, domain
+    rules included: they are not compiled, but they say what must be left to the engine) and
+    ``default``.  ``dns_to_stub``: port 53 to any server goes to the DNS stub (not refused by IP
+    policy: the stub applies the name policy); otherwise only the stub's own addresses do."""
     labels: list[str] = []
 
-    def deny(match: str, label: str, reject: str = "reject with tcp reset") -> str:
+    def deny(match: str, label: str, proto: str) -> str:
         labels.append(label)
-        return f'{match} log group {NFLOG_GROUP} prefix "{LOG_PREFIX}{len(labels) - 1}" {reject}'
+        return f'{match} log group {NFLOG_GROUP} prefix "{LOG_PREFIX}{len(labels) - 1}" {REJECT[proto]}'
 
-    subnet = net.address.network
     lines = [
         'oifname "lo" accept',
         "ct state != new accept",
+        f"meta l4proto {{ tcp, udp }} ip daddr {net.dns} th dport 53 accept",
+        f"meta l4proto {{ tcp, udp }} ip6 daddr {net.dns6} th dport 53 accept",
     ]
+    if dns_to_stub:
+        lines.append("meta l4proto { tcp, udp } th dport 53 accept")
     if allow_host_ports:
         ports = ", ".join(str(p) for p in sorted(set(allow_host_ports)))
-        lines.append(f"meta l4proto tcp ip daddr {net.gateway} tcp dport {{ {ports} }} accept")
-    lines.append(deny(f"meta l4proto tcp ip daddr {subnet}", GATEWAY_RULE))
-    for rule in rules:
-        if rule.proto == "udp":
-            continue
-        lines.append(f"{_match(rule)} accept" if rule.action == "allow" else deny(_match(rule), rule.text))
-    if default == "deny":
-        lines.append(deny("meta l4proto tcp", "default"))
-    lines.append(deny("meta l4proto udp", UDP_RULE, "reject with icmpx type port-unreachable"))
+        lines.append(f"meta l4proto {{ tcp, udp }} ip daddr {net.gateway} th dport {{ {ports} }} accept")
+    for proto in KERNEL_DECIDED:
+        lines.append(deny(f"meta l4proto {proto} ip daddr {net.address.network}", GATEWAY_RULE, proto))
+        lines.append(deny(f"meta l4proto {proto} ip6 daddr {net.address6.network}", GATEWAY_RULE, proto))
+        for rule in rules:
+            if rule.domain is not None or rule.proto not in (None, proto):
+                continue
+            match = _match(rule, proto)
+            lines.append(f"{match} accept" if rule.action == "allow" else deny(match, rule.text, proto))
+        if default == "deny":
+            catch_all = _default_catch_all(rules, proto)
+            if catch_all is not None:
+                lines.append(deny(catch_all, "default", proto))
 
     body = "\n".join(f"\t\t{line}" for line in lines)
     script = f"""table inet {TABLE} {{
 \tchain decide {{
-\t\ttype filter hook output priority -150; policy accept;
+\t\ttype filter hook output priority -180; policy accept;
 {body}
 \t}}
 \tchain capture {{
 \t\ttype nat hook output priority -100; policy accept;
 \t\toifname "lo" return
 \t\tmeta l4proto tcp redirect to :{capture_port}
+\t}}
+\tchain mark_udp {{
+\t\ttype route hook output priority mangle; policy accept;
+\t\tmeta l4proto udp fib daddr type local return
+\t\tmeta l4proto udp meta mark set {UDP_MARK:#x}
+\t}}
+\tchain divert_udp {{
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tmeta nfproto ipv4 meta l4proto udp meta mark {UDP_MARK:#x} tproxy ip to 127.0.0.1:{capture_port} accept
+\t\tmeta nfproto ipv6 meta l4proto udp meta mark {UDP_MARK:#x} tproxy ip6 to [::1]:{capture_port} accept
 \t}}
 }}
 """

@@ -24,8 +24,11 @@ IFF_UP = 0x1
 IFLA_MTU = 4
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD = 0x02
-RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
+RTN_LOCAL, RT_SCOPE_HOST = 2, 254
+RTM_NEWRULE, FR_ACT_TO_TBL = 32, 1
+FRA_PRIORITY, FRA_FWMARK, FRA_TABLE = 6, 10, 15
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
@@ -71,16 +74,29 @@ def encode_addr_add(seq: int, index: int, interface: ipaddress.IPv4Interface | i
 
 
 def encode_route_add(seq: int, index: int, destination: ipaddress.IPv4Network | ipaddress.IPv6Network,
-                     gateway: IPAddress | None) -> bytes:
+                     gateway: IPAddress | None, table: int = RT_TABLE_MAIN, local: bool = False) -> bytes:
+    """A unicast route, or with ``local`` a ``local`` route (``ip route add local DST dev lo
+    table T``: deliver to this host, used to divert marked UDP to the TPROXY socket)."""
     family = socket.AF_INET if destination.version == 4 else socket.AF_INET6
-    body = _RTMSG.pack(family, destination.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC,
-                       RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+    kind, scope = (RTN_LOCAL, RT_SCOPE_HOST) if local else (RTN_UNICAST, RT_SCOPE_UNIVERSE)
+    body = _RTMSG.pack(family, destination.prefixlen, 0, 0, table if table < 256 else 0, RTPROT_STATIC,
+                       scope, kind, 0)
+    if table >= 256:
+        body += attr(RTA_TABLE, struct.pack("=I", table))
     if destination.prefixlen:
         body += attr(RTA_DST, destination.network_address.packed)
     if gateway is not None:
         body += attr(RTA_GATEWAY, gateway.packed)
     body += attr(RTA_OIF, struct.pack("=i", index))
     return message(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
+
+
+def encode_rule_add(seq: int, family: int, fwmark: int, table: int, priority: int) -> bytes:
+    """``ip rule add fwmark MARK lookup TABLE priority PRIO``."""
+    body = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
+    body += attr(FRA_FWMARK, struct.pack("=I", fwmark)) + attr(FRA_TABLE, struct.pack("=I", table))
+    body += attr(FRA_PRIORITY, struct.pack("=I", priority))
+    return message(RTM_NEWRULE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
 def encode_addr_dump(seq: int) -> bytes:
@@ -173,10 +189,14 @@ class Rtnl:
         self._request(lambda s: encode_addr_add(s, index, interface), f"add address {interface} to {name}")
 
     def add_route(self, name: str, destination: ipaddress.IPv4Network | ipaddress.IPv6Network,
-                  gateway: IPAddress | None = None) -> None:
+                  gateway: IPAddress | None = None, table: int = RT_TABLE_MAIN, local: bool = False) -> None:
         index = socket.if_nametoindex(name)
-        self._request(lambda s: encode_route_add(s, index, destination, gateway),
-                      f"add route {destination} via {gateway} dev {name}")
+        self._request(lambda s: encode_route_add(s, index, destination, gateway, table, local),
+                      f"add {'local ' if local else ''}route {destination} via {gateway} dev {name} table {table}")
+
+    def add_rule(self, family: int, fwmark: int, table: int, priority: int) -> None:
+        self._request(lambda s: encode_rule_add(s, family, fwmark, table, priority),
+                      f"add rule fwmark {fwmark} lookup {table}")
 
     def addresses(self) -> list[IPAddress]:
         """Every address configured in this network namespace."""

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from tether import _sys
 from tether.errors import TetherError
 from tether.net import nflog
-from tether.net.nft import NFLOG_GROUP, SandboxNet
+from tether.net.nft import NFLOG_GROUP, UDP_MARK, UDP_TABLE, SandboxNet
 from tether.net.rtnl import Rtnl
 
 MAX_MESSAGE = 65536
@@ -52,11 +52,13 @@ class SandboxError(TetherError):
 @dataclass
 class SandboxSpec:
     argv: list[str]
-    ruleset_for_port: Callable[[int], str]  # nft script, given the capture listener's port
+    ruleset_for_port: Callable[[int], str]  # nft script, given the capture sockets' port
     net: SandboxNet = field(default_factory=SandboxNet)
     map_root: bool = False
     tty_fd: int | None = None  # the caller's controlling-terminal fd when it is in the foreground
     resolv_conf: str = "nameserver 10.0.2.3\n"
+    ipv4: bool = True
+    ipv6: bool = True
 
 
 @dataclass
@@ -67,13 +69,14 @@ class Sandbox:
     holder_pid: int
     control: socket.socket
     tun: int
-    listener: socket.socket
+    tcp_listeners: list[socket.socket]  # per family, bound to the loopback inside the netns
+    udp_sockets: list[socket.socket]  # TPROXY sockets, per family
     nflog: socket.socket
     pidfd: int
 
     def close(self) -> None:
-        for closer in (self.listener.close, self.nflog.close, self.control.close):
-            closer()
+        for sock in (*self.tcp_listeners, *self.udp_sockets, self.nflog, self.control):
+            sock.close()
         for fd in (self.tun, self.pidfd):
             try:
                 os.close(fd)
@@ -135,14 +138,15 @@ def spawn(spec: SandboxSpec) -> Sandbox:
         for fd in fds:
             os.close(fd)
         raise SandboxError(msg["error"], msg.get("hint"))
-    tun, listener_fd, nflog_fd = fds
+    named = dict(zip(msg["fds"], fds, strict=True))
     holder = msg["holder_pid"]
     return Sandbox(
         holder_pid=holder,
         control=parent_end,
-        tun=tun,
-        listener=socket.socket(fileno=listener_fd),
-        nflog=socket.socket(fileno=nflog_fd),
+        tun=named["tun"],
+        tcp_listeners=[socket.socket(fileno=named[k]) for k in ("tcp4", "tcp6") if k in named],
+        udp_sockets=[socket.socket(fileno=named[k]) for k in ("udp4", "udp6") if k in named],
+        nflog=socket.socket(fileno=named["nflog"]),
         pidfd=_sys.pidfd_open(holder),
     )
 
@@ -178,26 +182,32 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
                                "allow access to /dev/net/tun: chmod 0666 /dev/net/tun "
                                "(the default on most distributions)") from None
         rtnl.link_up("tun0", mtu=net.mtu)
-        rtnl.add_address("tun0", net.address)
-        rtnl.add_route("tun0", ipaddress.IPv4Network("0.0.0.0/0"), net.gateway)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4096)
+        for enabled, address, gateway, family, anywhere in (
+                (spec.ipv4, net.address, net.gateway, socket.AF_INET, ipaddress.IPv4Network("0.0.0.0/0")),
+                (spec.ipv6, net.address6, net.gateway6, socket.AF_INET6, ipaddress.IPv6Network("::/0"))):
+            if not enabled:
+                continue
+            rtnl.add_address("tun0", address)
+            rtnl.add_route("tun0", anywhere, gateway)
+            # UDP marked by the ruleset is delivered locally, where TPROXY hands it to our socket.
+            rtnl.add_rule(family, UDP_MARK, UDP_TABLE, priority=100)
+            rtnl.add_route("lo", anywhere, table=UDP_TABLE, local=True)
+    fds = _capture_sockets(spec)
     try:
         nft = _sys.Nftables()
     except OSError as exc:
         raise SandboxError(f"cannot load libnftables: {exc}", "install nftables: apt-get install nftables") from None
     try:
-        nft.run(spec.ruleset_for_port(listener.getsockname()[1]))
+        nft.run(spec.ruleset_for_port(fds[0][1].getsockname()[1]))
     except OSError as exc:
         raise SandboxError(f"cannot install the capture ruleset: {exc.strerror or exc}") from None
-    nflog_sock = nflog.open_socket(NFLOG_GROUP)
+    fds.append(("nflog", nflog.open_socket(NFLOG_GROUP)))
 
     holder = os.fork()
     if holder == 0:
         from tether.ns.holder import run_holder
-        listener.close()
-        nflog_sock.close()
+        for _, sock in fds:
+            sock.close()
         os.close(tun)
         code = 1
         try:
@@ -206,7 +216,31 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
             _report_failure(control, exc)
         finally:
             os._exit(code)
-    send_message(control, {"holder_pid": holder}, [tun, listener.fileno(), nflog_sock.fileno()])
+    send_message(control, {"holder_pid": holder, "fds": ["tun", *(name for name, _ in fds)]},
+                 [tun, *(sock.fileno() for _, sock in fds)])
+
+
+def _capture_sockets(spec: SandboxSpec) -> list[tuple[str, socket.socket]]:
+    """TCP listeners and TPROXY UDP sockets on the netns' loopback, all on one port (the first
+    listener's ephemeral port: the netns is new, so the others are free)."""
+    made: list[tuple[str, socket.socket]] = []
+    port = 0
+    try:
+        for enabled, family, loopback, suffix in ((spec.ipv4, socket.AF_INET, "127.0.0.1", "4"),
+                                                  (spec.ipv6, socket.AF_INET6, "::1", "6")):
+            if not enabled:
+                continue
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            made.append(("tcp" + suffix, listener))
+            listener.bind((loopback, port))
+            listener.listen(4096)
+            port = listener.getsockname()[1]
+            made.append(("udp" + suffix, _sys.transparent_udp_socket(family, loopback, port)))
+    except BaseException:
+        for _, sock in made:
+            sock.close()
+        raise
+    return made
 
 
 def _report_failure(control: socket.socket, exc: BaseException) -> None:

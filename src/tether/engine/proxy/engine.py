@@ -1,9 +1,11 @@
-"""The proxy engine of one sandbox: owns its capture fds and the tasks that serve them.
+"""The proxy engine of one sandbox: owns its capture fds and the handlers that serve them.
 
-Fds owned (received from the spawner, closed by ``close()``): the TCP capture listener, the
-NFLOG socket (the kernel's refusals, turned into ``deny`` events), and the tun device.  For now
-whatever reaches ``tun0`` (non-TCP traffic that the ruleset did not refuse, e.g. ICMP) is read
-and dropped, so the device queue never fills; the UDP/ICMP engines will consume it.
+Fds owned (received from the spawner, closed by the Sandbox that owns them): the TCP capture
+listeners and TPROXY UDP sockets (one per family), the NFLOG socket (the kernel's refusals,
+turned into ``deny`` events) and the tun device.  Handlers owned (started by ``start()``, stopped
+by ``close()``): ``TcpProxy``, ``UdpProxy``, the DNS stub's server, ``IcmpResponder`` (whatever
+reaches ``tun0``), and the NFLOG reader.  All of them decide through one ``Decider`` whose
+``NameMap`` the DNS stub fills, so domain rules apply to TCP, UDP and ICMP alike.
 """
 
 from __future__ import annotations
@@ -11,42 +13,140 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from dataclasses import dataclass, field
 
 from tether.audit import Audit, format_endpoint
+from tether.engine.proxy.decide import Decider
+from tether.engine.proxy.icmp import IcmpResponder
 from tether.engine.proxy.tcp import CONNECT_TIMEOUT, TcpProxy
+from tether.engine.proxy.udp import DNS_IDLE_TIMEOUT, IDLE_TIMEOUT, UdpProxy
+from tether.names import NameMap
 from tether.net import nflog
 from tether.net.nft import Ruleset, SandboxNet
 from tether.policy import Policy
 
 TUN_READS_PER_WAKEUP = 256
+MAX_DNS_TCP = 256  # concurrent DNS-over-TCP connections from one sandbox
+
+
+@dataclass
+class DnsSettings:
+    upstreams: list[tuple[str, int]] = field(default_factory=list)
+    deny_rcode: str = "REFUSED"
+    passthrough: bool = False
 
 
 class ProxyEngine:
-    def __init__(self, *, listener: socket.socket, nflog_sock: socket.socket, tun: int, policy: Policy,
-                 ruleset: Ruleset, audit: Audit, allow_host_ports: frozenset[int], net: SandboxNet,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, *, tcp_listeners: list[socket.socket], udp_sockets: list[socket.socket],
+                 nflog_sock: socket.socket, tun: int, policy: Policy, ruleset: Ruleset, audit: Audit,
+                 allow_host_ports: frozenset[int], net: SandboxNet, dns: DnsSettings,
+                 connect_timeout: float = CONNECT_TIMEOUT, udp_timeout: float = IDLE_TIMEOUT) -> None:
         self.audit = audit
         self.ruleset = ruleset
         self.nflog = nflog_sock
         self.tun = tun
-        self.tcp = TcpProxy(listener, policy, audit, allow_host_ports, net, connect_timeout)
+        self.names = NameMap()
+        self.decider = Decider(policy, net, allow_host_ports, self.names)
+        self.policy = policy
+        self.dns_settings = dns
+        self._dns_server = None  # built on first use: dnspython costs ~25 ms of start-up
+        self.udp = UdpProxy(udp_sockets, self.write_tun, self.decider, audit, self._on_dns_datagram,
+                            passthrough_dns=dns.passthrough, idle=udp_timeout,
+                            dns_idle=min(DNS_IDLE_TIMEOUT, udp_timeout))
+        self.tcp = TcpProxy(tcp_listeners, self.decider, audit, connect_timeout,
+                            dns_handler=self._on_dns_connection, is_dns=self.udp.is_dns)
+        self.icmp = IcmpResponder(self.write_tun, self.decider, audit)
         self.dropped_packets = 0
         self.malformed_log_messages = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._dns_tasks: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.tcp.start()
+        self.udp.start()
+        self.icmp.start()
         self.nflog.setblocking(False)
         self._loop.add_reader(self.nflog.fileno(), self._on_nflog)
         os.set_blocking(self.tun, False)
         self._loop.add_reader(self.tun, self._on_tun)
 
+    async def drain(self, timeout: float = 1.0) -> None:
+        await self.tcp.drain(timeout)
+
     def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.nflog.fileno())
             self._loop.remove_reader(self.tun)
+        for task in list(self._dns_tasks):
+            task.cancel()
         self.tcp.close()
+        self.udp.close()
+        self.icmp.close()
+        if self._dns_server is not None:
+            self._dns_server.close()
+
+    def write_tun(self, pkt: bytes) -> None:
+        """Inject one IP packet into the sandbox (as if received from the world)."""
+        try:
+            os.write(self.tun, pkt)
+        except (BlockingIOError, InterruptedError, OSError):
+            self.dropped_packets += 1
+
+    # -- DNS ----------------------------------------------------------------------------------
+
+    @property
+    def dns_server(self):
+        """The DNS stub's server (``tether.engine.proxy.dns``), created at the first query."""
+        if self._dns_server is None:
+            from tether.engine.proxy.dns import DnsServer, DnsStub
+
+            settings = self.dns_settings
+            stub = DnsStub(upstreams=settings.upstreams, decide=self.policy.evaluate_name,
+                           on_answer=self._on_dns_answer, deny_rcode=settings.deny_rcode)
+            self._dns_server = DnsServer(stub, self._loop, on_event=self._on_dns_event)
+        return self._dns_server
+
+    def _on_dns_answer(self, names: list[str], addresses: list, ttl: float) -> None:
+        self.names.record_chain(names, addresses, ttl)
+
+    def _on_dns_datagram(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        self.dns_server.serve_udp_datagram(data, lambda wire: self.udp.reply(dst, src, wire), peer=(src, dst, "udp"))
+
+    def _on_dns_connection(self, conn: socket.socket, src: str, dst: tuple[str, int]) -> None:
+        if len(self._dns_tasks) >= MAX_DNS_TCP:
+            conn.close()
+            self.audit.emit("error", proto="tcp", src=src, dst=format_endpoint(*dst), rule="dns", verdict="deny",
+                            reason=f"more than {MAX_DNS_TCP} DNS-over-TCP connections")
+            return
+        task = asyncio.ensure_future(self._serve_dns_tcp(conn, (src, dst)))
+        self._dns_tasks.add(task)
+        task.add_done_callback(self._dns_tasks.discard)
+
+    async def _serve_dns_tcp(self, conn: socket.socket, peer: tuple) -> None:
+        reader, writer = await asyncio.open_connection(sock=conn)
+        try:
+            await self.dns_server.handle_tcp(reader, writer, peer=(peer[0], peer[1], "tcp"))
+        finally:
+            writer.close()
+
+    def _on_dns_event(self, event, peer) -> None:
+        """Refused names are audited with their rule; failures as errors; answers are not
+        (the connections to the answered addresses are)."""
+        if event.kind not in ("deny", "malformed", "servfail") or peer is None:
+            return
+        src, dst, transport = peer
+        src_text = src if isinstance(src, str) else format_endpoint(*src)
+        fields = {"name": event.name} if event.name else {}
+        if event.kind == "deny":
+            self.audit.emit("deny", proto="dns", src=src_text, dst=format_endpoint(*dst), rule=event.rule or "?",
+                            verdict="deny", qtype=event.qtype, transport=transport, **fields)
+        else:
+            self.audit.emit("error", proto="dns", src=src_text, dst=format_endpoint(*dst), rule=event.rule or "dns",
+                            verdict="allow", reason=f"{event.kind}: {event.detail}".rstrip(": "),
+                            transport=transport, **fields)
+
+    # -- kernel refusals and the tun ------------------------------------------------------------
 
     def _on_nflog(self) -> None:
         while True:
@@ -72,7 +172,10 @@ class ProxyEngine:
     def _on_tun(self) -> None:
         for _ in range(TUN_READS_PER_WAKEUP):
             try:
-                os.read(self.tun, 65536)
+                raw = os.read(self.tun, 65536)
             except (BlockingIOError, InterruptedError):
                 return
-            self.dropped_packets += 1
+            try:
+                self.icmp.handle(raw)
+            except Exception:  # noqa: BLE001 - one bad packet never stops the engine
+                self.dropped_packets += 1

@@ -29,19 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tether import _sys
 from tether.audit import Audit, format_endpoint
+from tether.engine.proxy.decide import Decider
+from tether.engine.proxy.peek import MAX_PEEK, NEED_MORE, server_name
 from tether.engine.proxy.relay import PipePool, RelayPair
-from tether.net.nft import GATEWAY_RULE, SandboxNet
-from tether.policy import Decision, Policy
 
 CONNECT_TIMEOUT = 10.0
+NAME_CHECKED_PORTS = frozenset({80, 443})
+PEEK_TIMEOUT = 3.0  # for the client's first bytes (SNI/Host) on name-checked ports
+PEEK_POLL = 0.01
 ACCEPTS_PER_WAKEUP = 64
 
 
@@ -59,24 +62,28 @@ class _Flow:
 
     conn: socket.socket
     started: float
+    listener_address: tuple[str, int] = ("", 0)
     src: str = "?"
     dst: str = "?"
     rule: str = "?"
+    name: str | None = None
+    orig: tuple[str, int] = ("", 0)
     upstream: socket.socket | None = None
     timer: asyncio.TimerHandle | None = None
     pair: RelayPair | None = None
 
 
 class TcpProxy:
-    def __init__(self, listener: socket.socket, policy: Policy, audit: Audit,
-                 allow_host_ports: frozenset[int] = frozenset(), net: SandboxNet = SandboxNet(),
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
-        self.listener = listener
-        self.policy = policy
+    def __init__(self, listeners: list[socket.socket], decider: Decider, audit: Audit,
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 dns_handler: Callable[[socket.socket, str, tuple[str, int]], None] | None = None,
+                 is_dns: Callable[[tuple[str, int]], bool] = lambda dst: False) -> None:
+        self.listeners = listeners
+        self.decider = decider
         self.audit = audit
-        self.allow_host_ports = allow_host_ports
-        self.net = net
         self.connect_timeout = connect_timeout
+        self.dns_handler = dns_handler
+        self.is_dns = is_dns
         self.stats = TcpStats()
         self.pool = PipePool()
         self._dialling: set[_Flow] = set()
@@ -85,14 +92,24 @@ class TcpProxy:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._listener_address = self.listener.getsockname()[:2]
-        self.listener.setblocking(False)
-        self._loop.add_reader(self.listener.fileno(), self._on_acceptable)
+        for listener in self.listeners:
+            listener.setblocking(False)
+            self._loop.add_reader(listener.fileno(), self._on_acceptable, listener)
+
+    async def drain(self, timeout: float) -> None:
+        """The sandbox has ended: take the connections it made just before (still queued on the
+        listeners) and let dials in progress finish, so each gets its audit event."""
+        for listener in self.listeners:
+            self._on_acceptable(listener)
+        deadline = time.monotonic() + timeout
+        while self._dialling and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     def close(self) -> None:
         """Reset every connection still dialling or relaying."""
         if self._loop is not None:
-            self._loop.remove_reader(self.listener.fileno())
+            for listener in self.listeners:
+                self._loop.remove_reader(listener.fileno())
         for flow in list(self._dialling):
             self._dial_failed(flow, "sandbox stopped")
         for flow in list(self._relaying):
@@ -100,10 +117,10 @@ class TcpProxy:
             flow.pair.abort(ConnectionAbortedError("sandbox stopped"))
         self.pool.close()
 
-    def _on_acceptable(self) -> None:
+    def _on_acceptable(self, listener: socket.socket) -> None:
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
-                conn, _peer = self.listener.accept()
+                conn, _peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: keep serving what we have
@@ -111,22 +128,11 @@ class TcpProxy:
                     return
                 raise
             self.stats.accepted += 1
-            flow = _Flow(conn, time.monotonic())
+            flow = _Flow(conn, time.monotonic(), listener_address=listener.getsockname()[:2])
             try:
                 self._start(flow)
             except Exception as exc:  # noqa: BLE001 - one connection's failure stays its own
                 self._fail(flow, f"internal: {exc!r}")
-
-    def _decide(self, addr: str, port: int) -> tuple[Decision, tuple[str, int]]:
-        """(decision, address to dial) for an original destination."""
-        ip = ipaddress.ip_address(addr)
-        if ip == self.net.gateway:
-            if port in self.allow_host_ports:
-                return Decision("allow", f"allow-host:{port}"), ("127.0.0.1", port)
-            return Decision("deny", GATEWAY_RULE), (addr, port)
-        if ip in self.net.address.network:
-            return Decision("deny", GATEWAY_RULE), (addr, port)
-        return self.policy.evaluate("tcp", ip, port), (addr, port)
 
     def _start(self, flow: _Flow) -> None:
         """Decide and start a non-blocking dial (callbacks, not a task per connection: this
@@ -138,18 +144,77 @@ class TcpProxy:
         try:
             addr, port = _sys.original_destination(conn)
         except OSError:
-            addr, port = self._listener_address
-        if (addr, port) == self._listener_address:
+            addr, port = flow.listener_address
+        if (addr, port) == flow.listener_address:
             # Not redirected: a sandboxed process dialled the engine's socket itself.
             self._fail(flow, "no original destination: connection made directly to the engine's socket")
             return
         flow.dst = format_endpoint(addr, port)
-        decision, target = self._decide(addr, port)
-        flow.rule = decision.rule
-        if decision.verdict == "deny":
-            _reset(conn)
-            self.audit.emit("deny", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="deny")
+        flow.orig = (addr, port)
+        if self.dns_handler is not None and self.is_dns((addr, port)):
+            self.dns_handler(conn, flow.src, (addr, port))
             return
+        decision, target = self.decider.decide("tcp", addr, port)
+        flow.rule = decision.rule
+        flow.name = getattr(decision, "name", None)
+        if decision.verdict == "deny":
+            self._deny(flow)
+            return
+        if flow.name is not None and port in NAME_CHECKED_PORTS:
+            self._peek(flow, target, 0.0)
+            return
+        self._dial(flow, target)
+
+    def _deny(self, flow: _Flow) -> None:
+        _reset(flow.conn)
+        self.audit.emit("deny", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="deny", **_named(flow))
+
+    def _peek(self, flow: _Flow, target: tuple[str, int], waited: float) -> None:
+        """Allowed through a domain rule, to port 80/443: check the TLS SNI / HTTP Host the client
+        asks for before dialling (defeats asking a shared address for a different site)."""
+        try:
+            data = flow.conn.recv(MAX_PEEK, socket.MSG_PEEK)
+        except BlockingIOError:
+            data = b""
+            complete = False
+        except OSError as exc:
+            self._fail(flow, exc.strerror or str(exc))
+            return
+        else:
+            complete = True
+        name = server_name(data) if data or not complete else None
+        if name == NEED_MORE or (not data and not complete):
+            if waited >= PEEK_TIMEOUT:
+                name = None
+            else:  # MSG_PEEK leaves the bytes queued, so readiness would fire at once: poll
+                assert self._loop is not None
+                self._dialling.add(flow)
+                flow.timer = self._loop.call_later(PEEK_POLL, self._repeek, flow, target, waited + PEEK_POLL)
+                return
+        if name is None:
+            flow.rule = f"{flow.rule} (no TLS SNI or HTTP Host to check)"
+            self._deny(flow)
+            return
+        decision = self.decider.policy.evaluate("tcp", flow.orig[0], flow.orig[1], names=(name,))
+        if decision.verdict != "allow" or getattr(decision, "name", None) is None:
+            flow.rule = f"SNI/Host {name} not allowed (address allowed as {flow.name} by {flow.rule})"
+            flow.name = name
+            self._deny(flow)
+            return
+        flow.name, flow.rule = name, decision.rule
+        self._dial(flow, target)
+
+    def _repeek(self, flow: _Flow, target: tuple[str, int], waited: float) -> None:
+        if flow not in self._dialling:
+            return  # the sandbox stopped meanwhile
+        self._dialling.discard(flow)
+        flow.timer = None
+        try:
+            self._peek(flow, target, waited)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(flow, f"internal: {exc!r}")
+
+    def _dial(self, flow: _Flow, target: tuple[str, int]) -> None:
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
         upstream = flow.upstream = socket.socket(family, socket.SOCK_STREAM)
         upstream.setblocking(False)
@@ -194,14 +259,14 @@ class TcpProxy:
         if flow.upstream is not None:
             flow.upstream.close()
         _reset(flow.conn)
-        self.audit.emit("error", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow",
+        self.audit.emit("error", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow", **_named(flow),
                         duration_ms=(time.monotonic() - flow.started) * 1000, reason=reason)
 
     def _connected(self, flow: _Flow) -> None:
         assert flow.upstream is not None and self._loop is not None
         for sock in (flow.conn, flow.upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.audit.emit("connect", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow")
+        self.audit.emit("connect", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow", **_named(flow))
         flow.pair = RelayPair(self._loop, self.pool, flow.conn, flow.upstream,
                               lambda pair, error: self._on_pair_closed(flow, pair, error))
         self._relaying.add(flow)
@@ -217,9 +282,14 @@ class TcpProxy:
         fields = {}
         if error is not None:
             fields["reason"] = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        self.audit.emit("close", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow",
+        self.audit.emit("close", proto="tcp", src=flow.src, dst=flow.dst, rule=flow.rule, verdict="allow", **_named(flow),
                         bytes_up=pair.bytes_up, bytes_down=pair.bytes_down,
                         duration_ms=(time.monotonic() - flow.started) * 1000, **fields)
+
+
+def _named(flow: _Flow) -> dict[str, str]:
+    """Audit events carry the name a domain rule decided on."""
+    return {"name": flow.name} if flow.name else {}
 
 
 def _reset(sock: socket.socket) -> None:
