@@ -3,8 +3,15 @@
 Fixture API (see also world.py):
 
 * ``world``    (module scope) -- a built ``world.World``: netns ``tether-host-<id>`` where tether's
-               host side runs, netns ``tether-world-<id>`` with the servers on 203.0.113.10 and
-               198.51.100.10 (http :80, echo :7, sink :9000, source :9001, halfclose :9002).
+               host side runs (192.0.2.1, 2001:db8:1::1), netns ``tether-world-<id>`` with the
+               servers on every world address, IPv4 and IPv6 (203.0.113.10 / 2001:db8:10::10,
+               198.51.100.10, ...: tcp http :80, echo :7, sink :9000, source :9001, halfclose
+               :9002; udp echo :7, udp sink :9100 with its stats on tcp :9101), the DNS server of
+               the test zones on 198.51.100.53 / 2001:db8:10::53 and a rogue one on
+               198.51.100.99 / 2001:db8:10::99 (udp+tcp :53). See world.py for the zones and the
+               API (``world.dns_queries(name)``, ``world.udp_sink_stats()``, ...).
+* ``fresh_dns`` -- the ``world`` with both DNS servers' query counters zeroed before the test.
+* ``fresh_udp_sink`` -- the ``world`` with the UDP sink's counters zeroed before the test.
 * ``mode``     -- parametrized ``"rootless"`` (as the unprivileged user tether-test) / ``"root"``.
 * ``workdir``  -- a fresh per-test directory under /tmp, writable by the user of ``mode``; the cwd
                of every run.
@@ -135,6 +142,18 @@ def pytest_runtest_makereport(item, call):
 def world():
     with World() as w:
         yield w
+
+
+@pytest.fixture
+def fresh_dns(world):
+    world.reset_dns_counters()
+    return world
+
+
+@pytest.fixture
+def fresh_udp_sink(world):
+    world.reset_udp_sink()
+    return world
 
 
 @pytest.fixture(params=MODES)

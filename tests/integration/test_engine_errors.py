@@ -21,8 +21,8 @@ FETCH = r"""
 import errno, json, socket, sys, time
 host, port = sys.argv[1], int(sys.argv[2])
 t0 = time.monotonic()
-s = socket.create_connection((host, port), timeout=30)
-try:
+try:  # the engine's reset can arrive before connect() returns
+    s = socket.create_connection((host, port), timeout=30)
     s.sendall(b"hello\n")
     data = s.recv(100)
     outcome = {"outcome": "data" if data else "eof", "data": data.decode(errors="replace")}

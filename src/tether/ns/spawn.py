@@ -43,6 +43,7 @@ from tether.net.nft import NFLOG_GROUP, UDP_MARK, UDP_TABLE, SandboxNet
 from tether.net.rtnl import Rtnl
 
 MAX_MESSAGE = 65536
+LOOPBACK_MTU = 65575
 
 
 class SandboxError(TetherError):
@@ -160,6 +161,7 @@ def _id_maps(map_root: bool) -> tuple[str, str]:
 
 
 def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
+    real_root = os.getuid() == 0
     try:
         _sys.unshare(_sys.CLONE_NEWUSER | _sys.CLONE_NEWNS | _sys.CLONE_NEWNET | _sys.CLONE_NEWPID)
     except OSError as exc:
@@ -174,7 +176,9 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
         raise SandboxError(reply.get("error", "uid/gid maps refused"))
     net = spec.net
     with Rtnl() as rtnl:
-        rtnl.link_up("lo")
+        # The largest IPv6 packet without jumbograms: diverted UDP loops through lo, and a
+        # fragmented IPv6 datagram there would not reach the TPROXY socket (65527-byte payloads).
+        rtnl.link_up("lo", mtu=LOOPBACK_MTU)
         try:
             tun = _sys.open_tun("tun0")
         except OSError as exc:
@@ -192,6 +196,7 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
             # UDP marked by the ruleset is delivered locally, where TPROXY hands it to our socket.
             rtnl.add_rule(family, UDP_MARK, UDP_TABLE, priority=100)
             rtnl.add_route("lo", anywhere, table=UDP_TABLE, local=True)
+    _allow_ping_sockets(full_id_range=real_root)
     fds = _capture_sockets(spec)
     try:
         nft = _sys.Nftables()
@@ -218,6 +223,19 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
             os._exit(code)
     send_message(control, {"holder_pid": holder, "fds": ["tun", *(name for name, _ in fds)]},
                  [tun, *(sock.fileno() for _, sock in fds)])
+
+
+def _allow_ping_sockets(full_id_range: bool) -> None:
+    """Let CMD use unprivileged ICMP sockets inside (``ping`` without CAP_NET_RAW): the new
+    netns starts with ``ping_group_range`` = "1 0" (nobody).  Only mapped gids may be named:
+    our own (as seen inside), or every gid when the whole range is mapped (real root)."""
+    gid = os.getgid()
+    last = 2147483647 if full_id_range else gid
+    try:
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write(f"{0 if full_id_range else gid} {last}")
+    except OSError:
+        pass  # best effort: ping with CAP_NET_RAW (setcap'd /usr/bin/ping) still works
 
 
 def _capture_sockets(spec: SandboxSpec) -> list[tuple[str, socket.socket]]:

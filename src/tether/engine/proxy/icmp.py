@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from tether.audit import Audit
+from tether.audit import Audit, format_endpoint
 from tether.engine.proxy.decide import Decider
 from tether.net import packet
 
@@ -67,15 +67,34 @@ class IcmpResponder:
                 self._echo(pkt, raw)
             return
         if pkt.proto in (6, 17):
-            return  # captured by the ruleset; a stray (e.g. fragment) is not ours to answer
+            if pkt.udp is not None or (pkt.proto == 6 and not pkt.later_fragment):
+                self._stray(pkt, raw)
+            return
         self._refuse(raw, "protocol", pkt.version)
-        self.audit.emit("deny", proto=str(pkt.proto), src=str(pkt.src), dst=str(pkt.dst),
+        self.audit.emit("deny", proto=str(pkt.proto), src=_endpoint(pkt.src), dst=_endpoint(pkt.dst),
                         rule=PROTOCOL_RULE, verdict="deny")
 
-    def _refuse(self, raw: bytes, kind: str, version: int) -> None:
+    def _stray(self, pkt: packet.Packet, raw: bytes) -> None:
+        """TCP/UDP that escaped capture (a link-local destination: its scoped route ignores the
+        capture's policy route).  Refused like any destination: the policy's rule if it denies,
+        else as not relayable — never a silent drop."""
+        proto = "udp" if pkt.proto == 17 else "tcp"
+        port = pkt.udp.dst_port if pkt.udp is not None else int.from_bytes(pkt.payload[2:4], "big")
+        sport = pkt.udp.src_port if pkt.udp is not None else int.from_bytes(pkt.payload[0:2], "big")
+        decision, _ = self.decider.decide(proto, pkt.dst, port)
+        src, dst = _endpoint(pkt.src, sport), _endpoint(pkt.dst, port)
+        if decision.verdict == "deny":
+            self._refuse(raw, "port" if proto == "udp" else "admin", pkt.version, pkt.dst)
+            self.audit.emit("deny", proto=proto, src=src, dst=dst, rule=decision.rule, verdict="deny")
+        else:
+            self._refuse(raw, "host", pkt.version, pkt.dst)
+            self.audit.emit("error", proto=proto, src=src, dst=dst, rule=decision.rule, verdict="allow",
+                            reason="not relayed: the destination's scoped route bypasses capture")
+
+    def _refuse(self, raw: bytes, kind: str, version: int, source=None) -> None:
         """An ICMP error back to the sender, unless the RFCs forbid one for this packet."""
         try:
-            self.write_tun(packet.build_unreachable(raw, kind, src=self._gateway(version)))
+            self.write_tun(packet.build_unreachable(raw, kind, src=source or self._gateway(version)))
         except ValueError:
             pass
 
@@ -88,8 +107,8 @@ class IcmpResponder:
         proto = "icmp" if pkt.version == 4 else "icmpv6"
         if decision.verdict == "deny":
             self._refuse(raw, "admin", pkt.version)
-            self.audit.emit("deny", proto=proto, src=str(pkt.src), dst=str(pkt.dst), rule=decision.rule,
-                            verdict="deny")
+            self.audit.emit("deny", proto=proto, src=_endpoint(pkt.src), dst=_endpoint(pkt.dst), rule=decision.rule,
+                            verdict="deny", **_named(decision))
             return
         key = (pkt.src, pkt.dst, pkt.icmp.identifier)
         entry = self.sockets.get(key)
@@ -100,8 +119,8 @@ class IcmpResponder:
                 return
             assert self._loop is not None
             self._loop.add_reader(sock.fileno(), self._on_reply, key)
-            self.audit.emit("connect", proto=proto, src=str(pkt.src), dst=str(pkt.dst), rule=decision.rule,
-                            verdict="allow")
+            self.audit.emit("connect", proto=proto, src=_endpoint(pkt.src), dst=_endpoint(pkt.dst),
+                            rule=decision.rule, verdict="allow", **_named(decision))
         else:
             sock = entry[0]
         self.sockets[key] = (sock, pkt, self.clock())
@@ -159,3 +178,13 @@ class IcmpResponder:
         if self._loop is not None:
             self._loop.remove_reader(sock.fileno())
         sock.close()
+
+
+def _endpoint(addr, port: int = 0) -> str:
+    """Audit format ``addr:port`` (ICMP has no port: 0)."""
+    return format_endpoint(str(addr), port)
+
+
+def _named(decision) -> dict[str, str]:
+    name = getattr(decision, "name", None)
+    return {"name": name} if name else {}

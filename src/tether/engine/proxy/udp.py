@@ -126,7 +126,8 @@ class UdpProxy:
                                 rule="?", verdict="allow", reason=f"internal: {exc!r}")
 
     def is_dns(self, dst: Endpoint) -> bool:
-        return dst[0] in self._stub_addresses or (dst[1] == 53 and not self.passthrough_dns)
+        """For the stub: port 53 on its own addresses, and on any server unless passthrough."""
+        return dst[1] == 53 and (dst[0] in self._stub_addresses or not self.passthrough_dns)
 
     def _from_sandbox(self, src: Endpoint, dst: Endpoint, data: bytes) -> None:
         if self.dns_handler is not None and self.is_dns(dst):
