@@ -4,14 +4,17 @@
 Builds a private test topology out of network namespaces (nothing here talks to a real network):
 
     netns tether-bench-host-<id>  --veth-->  netns tether-bench-world-<id>
-      192.0.2.1/24, default via 192.0.2.2      192.0.2.2/24, servers on 203.0.113.10 (lo)
-      sandboxing tools run here                 iperf3 -s, 1-byte TCP echo server
+      192.0.2.1/24, default via 192.0.2.2      192.0.2.2/24, servers on 203.0.113.10 (lo):
+      sandboxing tools run here                 iperf3 -s, 1-byte TCP echo, UDP echo;
+                                                wildcard DNS server on 203.0.113.53:53
 
     netns tether-bench-veth-<id>  --veth-->  host netns (routed, ip_forward=1, no NAT)
       198.51.100.2/25, the "veth" contender (rootful limit)
 
 and measures, for every contender in the same run: iperf3 TCP throughput both directions,
-short-connection latency (connect + 1-byte echo + close), and start-up time.  Writes
+short-connection latency (connect + 1-byte echo + close), UDP 1-byte echo latency, iperf3 UDP
+at a fixed offered load (received rate and loss) both directions, DNS queries/s (through tether's
+stub, cached and uncached; the others direct to the server as context), and start-up time.  Writes
 benchmarks/results/<UTC>.json, latest.json, latest.png and the table in docs/benchmarks.md.
 
 Must run as root (it creates namespaces).  Everything it creates is removed on exit, also on error
@@ -27,6 +30,7 @@ import math
 import os
 import platform
 import pwd
+import re
 import secrets
 import select
 import shlex
@@ -49,12 +53,19 @@ VETH_GW, VETH_SBX = "198.51.100.1", "198.51.100.2"    # TEST-NET-2 /25: veth con
 VSTART_GW, VSTART_SBX = "198.51.100.129", "198.51.100.130"  # /30: veth start-up probe
 IPERF_PORT = 5201
 ECHO_PORT = 9007
+UDP_ECHO_PORT = 9008
+DNS_IP, DNS_PORT = "203.0.113.53", 53   # the world's authoritative test DNS server (wildcard)
+DNS_ANSWER_IP = WORLD_IP                # what it answers for every A query
+DNS_TTL = 3600                          # long enough that nothing expires from tether's cache mid-run
 SYS_PY = "/usr/bin/python3"
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 TARGET_VS_VETH = 0.7
 TARGET_VS_SLIRP = 5.0
 TARGET_STARTUP_MS = 150.0
+TARGET_UDP_LOSS_PCT = 1.0        # at the offered load (--udp-rate, 1 Gbit/s)
+TARGET_UDP_OFFERED_FRACTION = 0.9  # the sender must actually have offered >= 90 % of --udp-rate
+TARGET_DNS_CACHED_QPS = 5000.0
 
 # --- programs run in the world / inside sandboxes (system python, no dependencies) ------------
 
@@ -104,6 +115,236 @@ for i in range(n + warm):
     if i >= warm:
         out.append(d)
 print(json.dumps(out))
+"""
+
+UDP_ECHO_SERVER = r"""
+import select, socket, sys, time
+ip, port, life = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((ip, port))            # bound to the service address, so replies come from it
+s.setblocking(False)
+print("ready", flush=True)
+end = time.monotonic() + life
+while time.monotonic() < end:
+    if not select.select([s], [], [], 1.0)[0]:
+        continue
+    for _ in range(64):
+        try:
+            b, a = s.recvfrom(65535)
+        except BlockingIOError:
+            break
+        try:
+            s.sendto(b, a)
+        except OSError:
+            pass
+"""
+
+# A wildcard authoritative DNS server, hand-rolled so it is never the bottleneck (it must outrun
+# tether's stub): every A (or ANY) query IN gets one A record; other types get NODATA; responses
+# and other opcodes are ignored / NOTIMP; malformed queries FORMERR.  An EDNS OPT in the query is
+# answered with an OPT (payload 1232).  The question is echoed byte for byte (0x20-safe).
+DNS_SERVER = r"""
+import select, socket, struct, sys, time
+ip, port, life, answer_ip, ttl = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+s.bind((ip, port))
+s.setblocking(False)
+ANSWER = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, ttl, 4) + socket.inet_aton(answer_ip)
+OPT = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
+n = 0
+print("ready", flush=True)
+end = time.monotonic() + life
+def reply(q):
+    if len(q) < 12 or q[2] & 0x80:              # too short to answer, or a response: drop
+        return None
+    rd = q[2] & 0x01
+    opcode = (q[2] >> 3) & 0x0F
+    if opcode != 0:
+        return q[:2] + bytes([0x80 | (opcode << 3) | rd, 4]) + bytes(8)           # NOTIMP
+    if q[4:6] != b"\x00\x01":
+        return q[:2] + bytes([0x80 | rd, 1]) + bytes(8)                          # FORMERR
+    i = 12
+    try:
+        while q[i]:
+            if q[i] & 0xC0:
+                raise IndexError
+            i += 1 + q[i]
+        qtype, qclass = struct.unpack_from("!HH", q, i + 1)
+    except (IndexError, struct.error):
+        return q[:2] + bytes([0x80 | rd, 1]) + bytes(8)
+    qend = i + 5
+    edns = q[10:12] != b"\x00\x00" and q[qend:qend + 3] == b"\x00\x00\x29"
+    an = 1 if qtype in (1, 255) and qclass == 1 else 0
+    return (q[:2] + bytes([0x84 | rd, 0]) + b"\x00\x01" + struct.pack("!HHH", an, 0, 1 if edns else 0)
+            + q[12:qend] + (ANSWER if an else b"") + (OPT if edns else b""))
+while time.monotonic() < end:
+    if not select.select([s], [], [], 1.0)[0]:
+        continue
+    for _ in range(256):
+        try:
+            q, a = s.recvfrom(4096)
+        except BlockingIOError:
+            break
+        r = reply(q)
+        if r is not None:
+            n += 1
+            try:
+                s.sendto(r, a)
+            except OSError:
+                pass
+"""
+
+UDP_LATENCY_CLIENT = r"""
+import json, socket, sys, time
+ip, port, n, warm, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+pc = time.perf_counter_ns
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((ip, port))         # a connected socket: only replies from ip:port are accepted
+s.settimeout(1.0)
+out, lost, stale = [], 0, 0
+end = time.monotonic() + limit
+i = 0
+while i < n + warm and time.monotonic() < end:
+    b = bytes([i & 0xFF])
+    t = pc()
+    s.send(b)
+    while True:
+        try:
+            r = s.recv(16)
+        except socket.timeout:
+            r = None
+            break
+        if r == b:
+            break
+        stale += 1            # a late reply to an earlier, timed-out datagram: keep waiting
+    d = pc() - t
+    if r is None:
+        lost += 1
+        if lost > 20:
+            sys.exit("more than 20 datagrams lost (1 s timeout each)")
+    elif i >= warm:
+        out.append(d)
+    i += 1
+print(json.dumps({"ns": out, "lost": lost, "stale": stale}))
+"""
+
+# DNS load generator (stdlib only: the sandbox's python has no dnspython).  Keeps `inflight`
+# queries outstanding over one UDP socket; each answer (or a timeout) frees a slot for the next
+# query.  mode "cached": the same name every time (queried once first, so it is in the cache);
+# "uncached": a name never asked before for every query (a per-run random label + a counter).
+DNS_CLIENT = r"""
+import collections, json, os, select, socket, struct, sys, time
+server, port, mode, inflight, dur, warm, tmo = (sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
+                                                float(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]))
+tag = os.urandom(4).hex()
+def qname(text):
+    return b"".join(bytes([len(l)]) + l for l in text.encode().split(b".")) + b"\x00"
+FIXED = qname("cached-%s.bench.test" % tag)
+SUFFIX = qname("u%s.bench.test" % tag)
+def name(seq):
+    if mode == "cached":
+        return FIXED
+    l = b"%x" % seq
+    return bytes([len(l)]) + l + SUFFIX
+TAIL = struct.pack("!HH", 1, 1)       # A, IN
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.connect((server, port))
+# Prime (and prove the path): the cached name must be answered once before the run.
+s.settimeout(2.0)
+for attempt in range(5):
+    s.send(b"\xbe\xef\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + FIXED + TAIL)
+    try:
+        r = s.recv(4096)
+    except socket.timeout:
+        continue
+    if r[:2] == b"\xbe\xef":
+        break
+else:
+    sys.exit("no answer to the priming query from %s:%d" % (server, port))
+if r[3] & 0x0F != 0 or r[6:8] == b"\x00\x00":
+    sys.exit("priming query answered rcode=%d ancount=%d" % (r[3] & 0x0F, struct.unpack("!H", r[6:8])[0]))
+s.setblocking(False)
+pc = time.perf_counter
+pending = {}                          # id -> (seq, sent_at, qname)
+order = collections.deque()           # (sent_at, id, seq), in send order: the timeout queue
+seq = 0
+nid = 0
+t0 = pc()
+mstart, mend = t0 + warm, t0 + warm + dur
+ok = bad = timeouts = sent = late = 0
+rcodes = {}
+lat = []
+def send_one(now):
+    global seq, nid, sent
+    while True:
+        nid = (nid + 1) & 0xFFFF
+        if nid not in pending:
+            break
+    seq += 1
+    q = name(seq)
+    try:
+        s.send(struct.pack("!HHHHHH", nid, 0x0100, 1, 0, 0, 0) + q + TAIL)
+    except (BlockingIOError, ConnectionRefusedError):
+        pass                          # counted as a timeout later
+    pending[nid] = (seq, now, q)
+    order.append((now, nid, seq))
+    sent += 1
+now = pc()
+for _ in range(inflight):
+    send_one(now)
+poll = select.poll()
+poll.register(s, select.POLLIN)
+while True:
+    now = pc()
+    if now >= mend:
+        break
+    wait = min(mend, order[0][0] + tmo) - now if order else mend - now
+    if wait > 0:
+        poll.poll(max(1, int(wait * 1000)))
+    while True:
+        try:
+            r = s.recv(4096)
+        except BlockingIOError:
+            break
+        except ConnectionRefusedError:
+            continue
+        now = pc()
+        if len(r) < 12:
+            continue
+        rid = (r[0] << 8) | r[1]
+        p = pending.get(rid)
+        if p is None or r[12:12 + len(p[2])] != p[2]:
+            late += 1
+            continue
+        del pending[rid]
+        if mstart <= now < mend:
+            rc = r[3] & 0x0F
+            if rc == 0 and r[6:8] != b"\x00\x00":
+                ok += 1
+                lat.append(now - p[1])
+            else:
+                bad += 1
+                rcodes[rc] = rcodes.get(rc, 0) + 1
+        send_one(now)
+    now = pc()
+    while order and order[0][0] + tmo <= now:
+        t, rid, sq = order.popleft()
+        p = pending.get(rid)
+        if p is not None and p[0] == sq:
+            del pending[rid]
+            if mstart <= now < mend:
+                timeouts += 1
+            send_one(now)
+    while order and (order[0][1] not in pending or pending[order[0][1]][0] != order[0][2]):
+        order.popleft()               # answered already: drop from the timeout queue
+lat.sort()
+def pct(p):
+    return lat[max(0, -(-len(lat) * p // 100) - 1)] * 1e6 if lat else None
+print(json.dumps({"ok": ok, "errors": bad, "rcodes": rcodes, "timeouts": timeouts, "late": late,
+                  "sent": sent, "seconds": dur, "qps": ok / dur, "inflight": inflight,
+                  "p50_us": pct(50), "p99_us": pct(99)}))
 """
 
 
@@ -328,7 +569,7 @@ class Topology:
             f"addr add {VETH_GW}/25 dev {hv}", f"link set {hv} up",
             f"route add default via {WORLD_LINK_IP}", ""]))
         sh(["ip", "-n", w, "-b", "-"], input="\n".join([
-            "link set lo up", f"addr add {WORLD_IP}/32 dev lo",
+            "link set lo up", f"addr add {WORLD_IP}/32 dev lo", f"addr add {DNS_IP}/32 dev lo",
             f"addr add {WORLD_LINK_IP}/24 dev {wh}", f"link set {wh} up",
             f"route add 198.51.100.0/24 via {HOST_IP}", ""]))
         sh(["ip", "-n", v, "-b", "-"], input="\n".join([
@@ -341,6 +582,20 @@ class Topology:
         if readline_timeout(p, 10) != "ready":
             raise BenchError("echo server did not start")
         self.servers["echo"] = p
+        # The UDP echo server and the wildcard DNS server (bounded lifetimes too).
+        for key, argv in (("udp-echo", [UDP_ECHO_SERVER, WORLD_IP, str(UDP_ECHO_PORT), str(life_s)]),
+                          ("dns", [DNS_SERVER, DNS_IP, str(DNS_PORT), str(life_s), DNS_ANSWER_IP, str(DNS_TTL)])):
+            p = REAPER.popen(in_ns(w) + [SYS_PY, "-c", *argv],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+            if readline_timeout(p, 10) != "ready":
+                raise BenchError(f"{key} server did not start")
+            self.servers[key] = p
+
+    def check_servers(self, *keys: str) -> None:
+        dead = [f"{k} (rc={self.servers[k].poll()})" for k in keys
+                if k in self.servers and self.servers[k].poll() is not None]
+        if dead:
+            raise BenchError("world server gone: " + ", ".join(dead))
 
     def iperf_server(self) -> subprocess.Popen:
         p = REAPER.popen(in_ns(self.world) + ["iperf3", "-s", "-1", "-B", WORLD_IP, "-p", str(IPERF_PORT)],
@@ -526,11 +781,25 @@ class Tether(Contender):
     def __init__(self, topo, user, args, cmd: list[str] | None, note: str = "") -> None:
         super().__init__(topo, user, args)
         self.cmd = cmd
+        self.dns_args: list[str] = []
+        self.has_stub = False
         if cmd is None:
             self.status, self.note = "skipped", note
+            return
+        # Point the DNS stub at the world's test server (never at the host's resolv.conf), unless
+        # the caller chose upstreams with --tether-arg; a tether without --dns has no stub.
+        if any(a == "--dns" or a.startswith("--dns=") for a in args.tether_arg):
+            self.has_stub = True
+        else:
+            r = run(cmd + ["run", "--help"], timeout=30)
+            if "--dns " in r.stdout or "--dns=" in r.stdout or "--dns\n" in r.stdout:
+                self.dns_args, self.has_stub = ["--dns", DNS_IP], True
+            else:
+                self.note = "this tether has no DNS stub (no --dns option)"
 
     def wrap(self, argv):
-        return in_ns(self.topo.host) + self.user.prefix() + self.cmd + ["run", *self.args.tether_arg, "--"] + argv
+        return (in_ns(self.topo.host) + self.user.prefix() + self.cmd
+                + ["run", *self.dns_args, *self.args.tether_arg, "--"] + argv)
 
 
 def find_tether(args) -> tuple[list[str] | None, str]:
@@ -604,6 +873,76 @@ def measure_latency(c: Contender, args) -> dict:
     return res
 
 
+def measure_udp_iperf(c: Contender, reverse: bool, args) -> dict:
+    """iperf3 UDP at a fixed offered load (--udp-rate, datagrams of --udp-len bytes); the
+    receiver's view (rate, loss) is what counts."""
+    c.check_alive()
+    srv = c.topo.iperf_server()
+    r = None
+    try:
+        argv = ["iperf3", "-c", WORLD_IP, "-p", str(IPERF_PORT), "-u", "-b", args.udp_rate,
+                "-l", str(args.udp_len), "-t", str(args.udp_duration), "-J", "--connect-timeout", "5000"]
+        if args.udp_window:
+            argv += ["-w", args.udp_window]
+        if reverse:
+            argv += ["-R", "--rcv-timeout", "15000"]
+        r = run(c.wrap(argv), timeout=args.udp_duration + 40, env=c.env())
+    finally:
+        try:
+            srv.wait(5 if r is not None and r.returncode == 0 else 0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        REAPER.stop(srv)
+    try:
+        j = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise BenchError(f"iperf3 -u rc={r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
+    if "error" in j:
+        raise BenchError(f"iperf3 -u: {j['error']}")
+    end = j["end"]
+    rx, tx = end.get("sum_received") or end["sum"], end.get("sum_sent") or end["sum"]
+    return {"gbps": rx["bits_per_second"] / 1e9, "sender_gbps": tx["bits_per_second"] / 1e9,
+            "lost_percent": rx.get("lost_percent"), "lost_packets": rx.get("lost_packets"),
+            "packets": rx.get("packets"), "jitter_ms": rx.get("jitter_ms"),
+            "cpu": end.get("cpu_utilization_percent")}
+
+
+def measure_udp_latency(c: Contender, args) -> dict:
+    c.check_alive()
+    c.topo.check_servers("udp-echo")
+    limit = max(30.0, args.udp_count * 0.05)
+    r = run(c.wrap([SYS_PY, "-c", UDP_LATENCY_CLIENT, WORLD_IP, str(UDP_ECHO_PORT), str(args.udp_count),
+                    str(args.udp_warmup), str(limit)]), timeout=limit + 60, env=c.env())
+    if r.returncode != 0:
+        raise BenchError(f"UDP latency client rc={r.returncode}: {r.stderr.strip()[-300:]}")
+    j = json.loads(r.stdout.strip().splitlines()[-1])
+    ns = j["ns"]
+    if not ns:
+        raise BenchError("UDP latency client returned no samples")
+    us = sorted(x / 1000 for x in ns)
+    res = {"count": len(us), "p50_us": statistics.median(us), "p99_us": pct(us, 99),
+           "mean_us": statistics.fmean(us), "min_us": us[0], "max_us": us[-1],
+           "lost": j["lost"], "stale_replies": j["stale"], "samples_us": [round(x / 1000, 1) for x in ns]}
+    if len(us) < args.udp_count:
+        res["note"] = f"only {len(us)} of {args.udp_count} round trips"
+    return res
+
+
+def measure_dns(c: Contender, mode: str, server: str, args) -> dict:
+    """Queries/s answered (NOERROR with an answer) with --dns-inflight queries outstanding."""
+    c.check_alive()
+    c.topo.check_servers("dns")
+    r = run(c.wrap([SYS_PY, "-c", DNS_CLIENT, server, str(DNS_PORT), mode, str(args.dns_inflight),
+                    str(args.dns_duration), str(args.dns_warmup), "1.0"]),
+            timeout=args.dns_duration + args.dns_warmup + 60, env=c.env())
+    if r.returncode != 0:
+        raise BenchError(f"DNS client rc={r.returncode}: {r.stderr.strip()[-300:]}")
+    j = json.loads(r.stdout.strip().splitlines()[-1])
+    j["server"] = server
+    j["mode"] = mode
+    return j
+
+
 def probe(c: Contender) -> None:
     """A few echo round-trips from inside the sandbox: proves the contender works end to end."""
     r = run(c.wrap([SYS_PY, "-c", LATENCY_CLIENT, WORLD_IP, str(ECHO_PORT), "3", "0", "20"]),
@@ -654,6 +993,7 @@ def machine_info(tether_cmd) -> dict:
     return {
         "kernel": platform.release(), "kernel_version": platform.version(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "cpu_model": cpu, "mem_mib": mem,
+        "cpus_allowed": sorted(os.sched_getaffinity(0)),
         "os": first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "python_harness": platform.python_version(), "python_clients": first_line([SYS_PY, "--version"]),
         "versions": {
@@ -666,6 +1006,114 @@ def machine_info(tether_cmd) -> dict:
         "loadavg_start": os.getloadavg(),
         "cpu_busy_before_pct": cpu_busy(),
     }
+
+
+
+# --- other work on the machine -----------------------------------------------------------------------
+
+class ContentionMonitor:
+    """Samples, every `interval` seconds, the CPU time used by processes that are not this script,
+    not its ancestors or descendants, not the rootless tools' user and not kernel threads: other work on this
+    machine competing with the measurements (e.g. a test suite started beside the run).  Reads
+    /proc only; a sample costs a few ms.  A lower bound: processes that start and end between two
+    samples are not seen."""
+
+    def __init__(self, exclude_uids: set[int], interval: float = 1.0) -> None:
+        import threading
+        self.exclude_uids, self.interval = exclude_uids, interval
+        self.phase = "setup"
+        self.by_phase: dict[str, list[float]] = {}
+        self.cmd_ticks: dict[str, int] = {}
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.ncpu = os.cpu_count() or 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="contention-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _snap(self) -> dict:
+        me = os.getpid()
+        procs = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    raw = f.read()
+                st = os.stat(f"/proc/{d}")
+            except OSError:
+                continue
+            try:
+                rest = raw[raw.rindex(b")") + 2:].split()
+                # fields from 3 on: state ppid ... flags(9) ... utime(14) stime(15) ... starttime(22).
+                # Live processes' own time only: cutime/cstime would add, when a child is reaped, all
+                # the CPU it ever used, mostly before this sample.
+                procs[int(d)] = (int(rest[1]), int(rest[6]), int(rest[11]) + int(rest[12]), int(rest[19]), st.st_uid)
+            except (ValueError, IndexError):
+                continue
+        mine = {me}
+        for pid in procs:          # descendants of this script (walk up the parent chain)
+            chain, p = [], pid
+            while p in procs and p not in mine and p > 1 and len(chain) < 64:
+                chain.append(p)
+                p = procs[p][0]
+            if p in mine:
+                mine.update(chain)
+        p = procs.get(me, (0,))[0]
+        while p > 1 and p in procs and p not in mine:   # and its ancestors (what runs this script)
+            mine.add(p)
+            p = procs[p][0]
+        return {(pid, v[3]): v[2] for pid, v in procs.items()
+                if pid not in mine and not v[1] & 0x00200000 and v[4] not in self.exclude_uids}
+
+    def _label(self, pid: int) -> str:
+        """The process's name (comm) only: other processes' arguments are none of this file's business."""
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                return f.read().strip()[:32] or "?"
+        except OSError:
+            return "?"
+
+    def _run(self) -> None:
+        prev, t_prev, errors = {}, time.monotonic(), 0
+        first = True
+        while first or not self._stop.wait(self.interval):
+            try:
+                cur, t = self._snap(), time.monotonic()
+                if not first:
+                    total = 0
+                    for key, ticks in cur.items():
+                        d = ticks - prev.get(key, 0)
+                        if d > 0:
+                            total += d
+                            if d >= 2:
+                                lab = self._label(key[0])
+                                self.cmd_ticks[lab] = self.cmd_ticks.get(lab, 0) + d
+                    pct_ = 100.0 * total / (self.hz * max(t - t_prev, 1e-3) * self.ncpu)
+                    self.by_phase.setdefault(self.phase, []).append(min(pct_, 100.0))
+                prev, t_prev, first = cur, t, False
+            except Exception as e:   # never disturb the run; give up after repeated failures
+                errors += 1
+                first = True
+                if errors >= 5:
+                    log(f"contention monitor stopped: {e!r}")
+                    return
+
+    def result(self) -> dict:
+        allv = [v for vs in self.by_phase.values() for v in vs]
+        top = sorted(self.cmd_ticks.items(), key=lambda kv: -kv[1])[:3]
+        return {"what": "CPU used by other processes (not this script, its ancestors or descendants, not the "
+                        "rootless tools' user's, not kernel threads), percent of all CPUs, sampled every "
+                        f"{self.interval:g} s",
+                "mean_pct": round(statistics.fmean(allv), 1) if allv else None,
+                "max_pct": round(max(allv), 1) if allv else None,
+                "by_phase_mean_pct": {k: round(statistics.fmean(v), 1) for k, v in self.by_phase.items() if v},
+                "top": [{"comm": c, "cpu_s": round(t / self.hz, 1)} for c, t in top]}
 
 
 # --- results: ratios, targets, outputs -------------------------------------------------------------
@@ -714,6 +1162,44 @@ def summarize(res: dict) -> tuple[dict, list[dict]]:
     targets.append({"id": "latency_p50_vs_slirp4netns", "target": "connect+echo p50 ≤ slirp4netns (best MTU)",
                     "measured": (f"{tl:.0f} µs vs {bl[0]:.0f} µs ({bl[1]})" if tl and bl[0] else why or "n/a"),
                     "verdict": verdict(None if not (tl and bl[0]) else tl <= bl[0])})
+    # UDP echo latency, UDP throughput at the offered load, DNS through the stub.
+    def ulat(k):
+        return (C.get(k, {}).get("udp_latency") or {}).get("p50_us")
+    tu = ulat("tether")
+    bu = min(((ulat(k), k) for k in slirps if ulat(k)), default=(None, None))
+    ratios["udp_latency_p50_tether_over_best_slirp4netns"] = tu / bu[0] if tu and bu[0] else None
+    targets.append({"id": "udp_latency_p50_vs_slirp4netns", "target": "UDP 1-byte echo p50 ≤ slirp4netns (best MTU)",
+                    "measured": (f"{tu:.0f} µs vs {bu[0]:.0f} µs ({bu[1]})" if tu and bu[0] else why or "n/a"),
+                    "verdict": verdict(None if not (tu and bu[0]) else tu <= bu[0])})
+    p = res.get("params", {})
+    rate, ln = p.get("udp_rate", "1G"), p.get("udp_len")
+    want = _rate_bps(rate)
+    for d, dname in (("up", "sandbox→world"), ("down", "world→sandbox")):
+        u = (C.get("tether", {}).get("udp_throughput") or {}).get(d) or {}
+        loss, got, sent = u.get("loss_pct_median"), u.get("gbps_median"), u.get("sender_gbps_median")
+        ok = None
+        if loss is not None and sent is not None:
+            offered_ok = want is None or sent * 1e9 >= TARGET_UDP_OFFERED_FRACTION * want
+            ok = loss < TARGET_UDP_LOSS_PCT and offered_ok
+            m = (f"{loss:.2f} % lost, {got:.3f} Gbit/s received of {sent:.3f} sent "
+                 f"(median of {len(u.get('runs', []))})")
+            if not offered_ok:
+                m += f"; the sender offered less than {TARGET_UDP_OFFERED_FRACTION:.0%} of {rate}"
+        else:
+            m = why or "n/a"
+        targets.append({"id": f"udp_throughput_{d}_loss",
+                        "target": f"UDP {dname} at {rate}bit/s offered ({ln} B datagrams): loss < {TARGET_UDP_LOSS_PCT:g} %",
+                        "measured": m, "verdict": verdict(ok)})
+    dn = C.get("tether", {}).get("dns") or {}
+    qc = (dn.get("stub_cached") or {}).get("qps")
+    targets.append({"id": "dns_cached_qps", "target": f"DNS via the stub, cached name ≥ {TARGET_DNS_CACHED_QPS:,.0f} queries/s",
+                    "measured": (f"{qc:,.0f} queries/s ({dn['stub_cached']['inflight']} in flight, "
+                                 f"{dn['stub_cached']['timeouts']} timeouts)" if qc is not None
+                                 else why or oneline(dn.get("note") or "n/a")),
+                    "verdict": verdict(None if qc is None else qc >= TARGET_DNS_CACHED_QPS)})
+    qu = (dn.get("stub_uncached") or {}).get("qps")
+    ratios["dns_stub_cached_qps"], ratios["dns_stub_uncached_qps"] = qc, qu
+
     ts = st("tether")
     for k in ("veth", *slirps, "pasta"):
         if ts and st(k):
@@ -722,6 +1208,13 @@ def summarize(res: dict) -> tuple[dict, list[dict]]:
                     "measured": (f"{ts:.0f} ms (median)" if ts else why or "n/a"),
                     "verdict": verdict(None if ts is None else ts <= TARGET_STARTUP_MS)})
     return ratios, targets
+
+
+def _rate_bps(rate: str) -> float | None:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)", rate or "")
+    if not m:
+        return None
+    return float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
 
 
 def oneline(s, n: int = 200) -> str:
@@ -738,10 +1231,14 @@ def docs_block(res: dict, json_name: str) -> str:
     m, p = res["machine"], res["params"]
     lines = []
     kind = ("**quick smoke run** (not representative): " if res["quick"] else "")
-    lines.append(f"Run {res['timestamp']} — {kind}iperf3 {p['duration']} s × {p['repeats']} per direction "
+    lines.append(f"Run {res['timestamp']} — {kind}iperf3 TCP {p['duration']} s × {p['repeats']} per direction "
                  f"(median), {p['latency_count']} connections, {p['startup_runs']} start-ups; "
-                 f"Linux {m['kernel']}, {m['cpu_count']} CPUs ({m['cpu_model']}); rootless tools run as "
-                 f"`{p['as_user']}`. Raw numbers: `benchmarks/results/{json_name}`.")
+                 + (f"iperf3 UDP at {p['udp_rate']}bit/s offered, {p['udp_len']} B datagrams, "
+                    f"{p['udp_duration']} s × {p['repeats']} per direction (median), "
+                    f"{p['udp_count']} UDP echoes; DNS {p['dns_duration']:g} s per mode with "
+                    f"{p['dns_inflight']} in flight; " if "dns_duration" in p else "")
+                 + f"Linux {m['kernel']}, {m['cpu_count']} CPUs ({m['cpu_model']}); rootless tools run as "
+                 f"`{p['as_user']}`. Raw numbers: `{json_name}`.")
     lines.append("")
     lines.append("| contender | TCP sandbox→world Gbit/s | TCP world→sandbox Gbit/s | connect+echo p50 µs "
                  "| p99 µs | start-up median ms |")
@@ -756,11 +1253,55 @@ def docs_block(res: dict, json_name: str) -> str:
         lines.append(f"| {c['label']} | {fmt((t.get('up') or {}).get('gbps_median'), '.2f')} "
                      f"| {fmt((t.get('down') or {}).get('gbps_median'), '.2f')} | {fmt(la.get('p50_us'), '.0f')} "
                      f"| {fmt(la.get('p99_us'), '.0f')} | {fmt(su.get('median_ms'), '.1f')} |")
+    lines.append("")
+    lines.append(f"| contender | UDP echo p50 µs | p99 µs | UDP sandbox→world Gbit/s (loss) "
+                 f"| UDP world→sandbox Gbit/s (loss) | DNS stub cached q/s | DNS stub uncached q/s "
+                 f"| DNS direct to server q/s (context) |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def udp_cell(u):
+        if not u or u.get("gbps_median") is None:
+            return "—"
+        return f"{u['gbps_median']:.3f} ({fmt(u.get('loss_pct_median'), '.2f', '?')} %)"
+    for k, c in res["contenders"].items():
+        if c["status"] != "ok":
+            lines.append(f"| {c['label']} | {c['status']} | | | | | | |")
+            continue
+        ul, ut, dn = c.get("udp_latency") or {}, c.get("udp_throughput") or {}, c.get("dns") or {}
+        q = {x: (dn.get(x) or {}).get("qps") for x in ("stub_cached", "stub_uncached", "direct")}
+        stub_na = "n/a (no stub)" if k == "veth" else "n/a (not measured)"
+        if k == "tether":
+            cc, cu = fmt(q["stub_cached"], ",.0f"), fmt(q["stub_uncached"], ",.0f")
+            direct = "n/a (captured by the stub)"
+        else:
+            cc = cu = stub_na if dn else "—"
+            direct = fmt(q["direct"], ",.0f")
+        lines.append(f"| {c['label']} | {fmt(ul.get('p50_us'), '.0f')} | {fmt(ul.get('p99_us'), '.0f')} "
+                     f"| {udp_cell(ut.get('up'))} | {udp_cell(ut.get('down'))} | {cc} | {cu} | {direct} |")
+    lines.append("")
+    lines.append("UDP throughput is the receiver's rate (iperf3 `sum_received`) with its loss. DNS: answered "
+                 "queries/s (NOERROR with an A record) from one stdlib client in the sandbox; \"direct\" "
+                 "queries the world's server at " + DNS_IP + " with no stub in between, as context only "
+                 "(slirp4netns and pasta have DNS forwarders, which relay to the host's resolv.conf and "
+                 "so are not measured here).")
     busy = m.get("cpu_busy_before_pct")
     if busy is not None and busy > 10:
         lines.append("")
         lines.append(f"**Caution:** other work used {busy:.0f}% of the CPUs just before the run started; "
                      "these numbers are noisier than usual.")
+    ct = res.get("contention") or {}
+    phases = {k: v for k, v in (ct.get("by_phase_mean_pct") or {}).items() if k != "setup"}
+    if (ct.get("mean_pct") or 0) > 5 or any(v > 10 for v in phases.values()):
+        worst = ", ".join(f"{k} {v:.0f} %" for k, v in phases.items())
+        lines.append("")
+        lines.append(f"**Caution: contended run.** Other processes used on average {ct['mean_pct']:.0f} % of the "
+                     f"machine's CPU during the run (by phase: {worst}). These numbers are noisier than a "
+                     "quiet run's; prefer a run without this warning.")
+    allowed = m.get("cpus_allowed")
+    if allowed and len(allowed) < (m.get("cpu_count") or 0):
+        lines.append("")
+        lines.append(f"**Pinned run:** everything ran on CPU(s) {','.join(map(str, allowed))} only (the "
+                     "script's affinity, inherited by every process it started).")
     b = res.get("baseline_startup_ms")
     if b is not None:
         lines.append("")
@@ -814,15 +1355,19 @@ def plot(res: dict, path: Path) -> str | None:
     C = [(k, c) for k, c in res["contenders"].items() if c["status"] == "ok"]
     labels = [c["label"].replace(" (rootful, routed)", "\n(rootful)").replace(" MTU ", "\nMTU ") for _, c in C]
     x = list(range(len(C)))
-    fig, axs = plt.subplots(1, 3, figsize=(16, 5))
+    fig, axs2 = plt.subplots(2, 3, figsize=(17, 10))
+    axs = list(axs2[0]) + list(axs2[1])
 
-    def bars(ax, series, names, unit, fmt_):
+    def bars(ax, series, names, unit, fmt_, texts=None):
         w = 0.8 / len(series)
         for i, (vals, name) in enumerate(zip(series, names)):
             xs = [xx + (i - (len(series) - 1) / 2) * w for xx in x]
             bs = ax.bar(xs, [v or 0 for v in vals], w, label=name)
-            for bar, v in zip(bs, vals):
-                ax.annotate("n/a" if v is None else format(v, fmt_), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            for j, (bar, v) in enumerate(zip(bs, vals)):
+                t = "n/a" if v is None else format(v, fmt_)
+                if texts and texts[i][j]:
+                    t = texts[i][j] if v is None else t + "\n" + texts[i][j]
+                ax.annotate(t, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=8)
@@ -851,6 +1396,61 @@ def plot(res: dict, path: Path) -> str | None:
     ax.axhline(TARGET_STARTUP_MS, color="red", ls="--", lw=1, label=f"tether target {TARGET_STARTUP_MS:g} ms")
     ax.set_title("start-up: CONTENDER -- true (lower is better)")
     ax.legend(fontsize=8)
+    p = res.get("params", {})
+    ax = axs[3]
+    bars(ax, [[g(c, "udp_latency", "p50_us") for _, c in C], [g(c, "udp_latency", "p99_us") for _, c in C]],
+         ["p50", "p99"], "µs", ".0f")
+    ax.set_title("UDP 1-byte echo, connected socket (lower is better)")
+    ax.legend(fontsize=8)
+    ax = axs[4]
+    ups = [g(c, "udp_throughput", "up", "gbps_median") for _, c in C]
+    downs = [g(c, "udp_throughput", "down", "gbps_median") for _, c in C]
+    w = 0.4
+    for i, (vals, d, name) in enumerate(((ups, "up", "sandbox→world"), (downs, "down", "world→sandbox (-R)"))):
+        xs = [xx + (i - 0.5) * w for xx in x]
+        bs = ax.bar(xs, [v or 0 for v in vals], w, label=name)
+        for bar, (_, c), v in zip(bs, C, vals):
+            loss = g(c, "udp_throughput", d, "loss_pct_median")
+            t = "n/a" if v is None else f"{v:.3f} Gbit/s, {fmt(loss, '.1f', '?')} % lost"
+            ax.annotate(t, (bar.get_x() + bar.get_width() / 2, 0.02), rotation=90, ha="center", va="bottom",
+                        fontsize=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
+    want = _rate_bps(p.get("udp_rate", ""))
+    if want:
+        ax.axhline(want / 1e9, color="grey", ls=":", lw=1, label=f"offered {p.get('udp_rate')}bit/s")
+    ax.set_ylim(0, max([want / 1e9 if want else 0] + [v for v in ups + downs if v]) * 1.25 or 1)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("Gbit/s received")
+    ax.set_title(f"iperf3 UDP, {p.get('udp_rate')}bit/s offered, {p.get('udp_len')} B datagrams (target: < 1 % lost)")
+    ax.legend(fontsize=7, loc="upper right", ncol=3)
+    ax = axs[5]
+    # Only what was measured: tether's stub (cached, uncached), the others direct to the server
+    # (hatched: context, not a stub).
+    series = (("stub_cached", "tether stub, cached name", "tab:blue", ""),
+              ("stub_uncached", "tether stub, uncached names", "tab:orange", ""),
+              ("direct", "direct to the world's server, no stub (context)", "tab:gray", "//"))
+    seen = set()
+    vals_all = []
+    for xx, (_, c) in zip(x, C):
+        have = [(k, lab, col, h, g(c, "dns", k, "qps")) for k, lab, col, h in series if g(c, "dns", k, "qps") is not None]
+        for j, (k, lab, col, h, v) in enumerate(have):
+            xb = xx + (j - (len(have) - 1) / 2) * 0.35
+            bar = ax.bar([xb], [v], 0.35, color=col, hatch=h, alpha=0.55 if h else 1.0,
+                         label=None if k in seen else lab)[0]
+            seen.add(k)
+            vals_all.append(v)
+            ax.annotate(f"{v:,.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+        if not have:
+            ax.annotate("not measured", (xx, TARGET_DNS_CACHED_QPS / 8), ha="center", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylim(TARGET_DNS_CACHED_QPS / 10, max(vals_all + [TARGET_DNS_CACHED_QPS]) * 4)
+    ax.axhline(TARGET_DNS_CACHED_QPS, color="red", ls="--", lw=1,
+               label=f"tether target {TARGET_DNS_CACHED_QPS:,.0f} q/s (cached)")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("answered queries/s (log)")
+    ax.set_title(f"DNS over UDP, {p.get('dns_inflight')} queries in flight (higher is better)")
+    ax.legend(fontsize=7, loc="upper right")
     m = res["machine"]
     fig.suptitle(f"tether benchmark {res['timestamp']}{' (QUICK smoke run)' if res['quick'] else ''} — "
                  f"Linux {m['kernel']}, {m['cpu_count']} CPUs")
@@ -863,6 +1463,7 @@ def plot(res: dict, path: Path) -> str | None:
 # --- main ----------------------------------------------------------------------------------------
 
 ALL = ["veth", "slirp4netns-1500", "slirp4netns-65520", "pasta", "tether"]
+MEASURES = ["tcp", "latency", "udp", "udp-latency", "dns", "startup"]
 
 
 def parse_args(argv=None):
@@ -877,6 +1478,19 @@ def parse_args(argv=None):
     ap.add_argument("--latency-count", type=int, help="connections measured [1000; quick 200]")
     ap.add_argument("--latency-warmup", type=int, default=20, help="connections made first and not counted [20]")
     ap.add_argument("--startup-runs", type=int, help="start-up runs, median reported [20; quick 5]")
+    ap.add_argument("--udp-count", type=int, help="UDP 1-byte echo round trips measured [1000; quick 200]")
+    ap.add_argument("--udp-warmup", type=int, default=20, help="UDP round trips made first and not counted [20]")
+    ap.add_argument("--udp-rate", default="1G", help="iperf3 -u offered load (-b) [1G]")
+    ap.add_argument("--udp-len", type=int, default=1400,
+                    help="iperf3 -u datagram payload bytes (-l) [1400: fits a 1500 MTU, no fragments]")
+    ap.add_argument("--udp-duration", type=int, help="iperf3 -u seconds per run [5; quick 2]")
+    ap.add_argument("--udp-window", default="4M",
+                    help="iperf3 -u socket buffers (-w) of both iperf3 ends; '' for iperf3's default [4M]")
+    ap.add_argument("--dns-duration", type=float, help="DNS load seconds per mode, after warm-up [5; quick 2]")
+    ap.add_argument("--dns-warmup", type=float, help="DNS load seconds not counted [1; quick 0.5]")
+    ap.add_argument("--dns-inflight", type=int, default=32, help="DNS queries kept outstanding [32]")
+    ap.add_argument("--measure", default=",".join(MEASURES),
+                    help="comma-separated subset of: " + ",".join(MEASURES) + " [all]")
     ap.add_argument("--contenders", default=",".join(ALL), help="comma-separated subset of: " + ",".join(ALL) + " [all]")
     ap.add_argument("--tether", help="tether command (path, or e.g. '.venv/bin/python -m tether') "
                                      "[.venv/bin/tether, else .venv/bin/python -m tether]")
@@ -892,9 +1506,24 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     q = a.quick
     for name, full, quick in (("duration", 10, 2), ("omit", 1, 0), ("repeats", 3, 1),
-                              ("latency_count", 1000, 200), ("startup_runs", 20, 5)):
+                              ("latency_count", 1000, 200), ("startup_runs", 20, 5),
+                              ("udp_count", 1000, 200), ("udp_duration", 5, 2),
+                              ("dns_duration", 5.0, 2.0), ("dns_warmup", 1.0, 0.5)):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)
+    ms = [s.strip() for s in a.measure.split(",") if s.strip()]
+    bad = [s for s in ms if s not in MEASURES]
+    if bad:
+        ap.error(f"unknown measurement(s) {bad}; choose from {MEASURES}")
+    a.measures = set(ms)
+    if a.udp_window in ("0", "default"):
+        a.udp_window = ""
+    if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", a.udp_rate) or (a.udp_window and not re.fullmatch(r"\d+[KM]?", a.udp_window)):
+        ap.error("--udp-rate takes e.g. 1G, 500M; --udp-window e.g. 4M")
+    if not (1 <= a.udp_len <= 65507 and 1 <= a.udp_count <= 100000 and 0 <= a.udp_warmup <= 1000
+            and 1 <= a.udp_duration <= 600 and 0.5 <= a.dns_duration <= 600 and 0 <= a.dns_warmup <= 60
+            and 1 <= a.dns_inflight <= 1024):
+        ap.error("a UDP/DNS count, size or duration is out of range")
     sel = [s.strip() for s in a.contenders.split(",") if s.strip()]
     bad = [s for s in sel if s not in ALL]
     if bad:
@@ -938,25 +1567,35 @@ def main(argv=None) -> int:
     now = dt.datetime.now(dt.UTC)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     res = {
-        "schema": 1, "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
+        "schema": 2, "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
         "params": {"duration": args.duration, "omit": args.omit, "repeats": args.repeats,
                    "latency_count": args.latency_count, "latency_warmup": args.latency_warmup,
                    "startup_runs": args.startup_runs, "as_user": args.as_user,
+                   "udp_count": args.udp_count, "udp_warmup": args.udp_warmup, "udp_rate": args.udp_rate,
+                   "udp_len": args.udp_len, "udp_duration": args.udp_duration,
+                   "udp_window": args.udp_window or None, "dns_duration": args.dns_duration,
+                   "dns_warmup": args.dns_warmup, "dns_inflight": args.dns_inflight,
+                   "measures": [m for m in MEASURES if m in args.measures],
                    "tether_cmd": tether_cmd, "tether_args": args.tether_arg},
         "machine": machine_info(tether_cmd),
         "topology": {"world_server": WORLD_IP, "host_netns_addr": f"{HOST_IP}/24 via veth to world {WORLD_LINK_IP}",
                      "veth_contender": f"{VETH_SBX}/25 routed through the host netns ({VETH_GW}), no NAT",
-                     "iperf3_port": IPERF_PORT, "echo_port": ECHO_PORT, "link_mtu": 1500},
+                     "iperf3_port": IPERF_PORT, "echo_port": ECHO_PORT, "udp_echo_port": UDP_ECHO_PORT,
+                     "dns_server": f"{DNS_IP}:{DNS_PORT} (wildcard: every A -> {DNS_ANSWER_IP}, TTL {DNS_TTL})",
+                     "link_mtu": 1500},
         "contenders": {},
     }
 
     # Upper bound for long-lived helpers (echo server, slirp namespaces): generous, but finite.
     n = len(args.selected)
     life = 600 + n * (2 * args.repeats * (args.duration + args.omit + 40) + args.latency_count * 0.05 + 120
-                      + args.startup_runs * 35)
+                      + 2 * args.repeats * (args.udp_duration + 50) + args.udp_count * 0.05 + 150
+                      + 3 * (args.dns_duration + args.dns_warmup + 70) + args.startup_runs * 35)
 
     bid = secrets.token_hex(3)
     topo = Topology(bid)
+    mon = ContentionMonitor(set() if user.root else {user.uid})
+    mon.start()
     contenders: list[Contender] = []
     t_start = time.monotonic()
     try:
@@ -993,43 +1632,115 @@ def main(argv=None) -> int:
                 c.teardown()
         live = [c for c in contenders if c.status == "ok"]
 
+        M = args.measures
         # Throughput: round-robin over contenders, `repeats` times, so drift hits all alike.
-        samples = {c.key: {"up": [], "down": []} for c in live}
-        for rep in range(args.repeats):
+        if "tcp" in M:
+            mon.phase = "tcp"
+            samples = {c.key: {"up": [], "down": []} for c in live}
+            for rep in range(args.repeats):
+                for c in live:
+                    for d in ("up", "down"):
+                        try:
+                            s = measure_iperf(c, d == "down", args)
+                            samples[c.key][d].append(s)
+                            log(f"{c.key}: iperf3 {d} #{rep + 1}: {s['gbps']:.2f} Gbit/s")
+                        except ERRS as e:
+                            out[c.key]["errors"].append(f"iperf3 {d} #{rep + 1}: {e}")
+                            log(f"{c.key}: iperf3 {d} #{rep + 1} failed: {e}")
             for c in live:
+                thr = {}
                 for d in ("up", "down"):
-                    try:
-                        s = measure_iperf(c, d == "down", args)
-                        samples[c.key][d].append(s)
-                        log(f"{c.key}: iperf3 {d} #{rep + 1}: {s['gbps']:.2f} Gbit/s")
-                    except ERRS as e:
-                        out[c.key]["errors"].append(f"iperf3 {d} #{rep + 1}: {e}")
-                        log(f"{c.key}: iperf3 {d} #{rep + 1} failed: {e}")
-        for c in live:
-            thr = {}
-            for d in ("up", "down"):
-                ss = samples[c.key][d]
-                thr[d] = {"gbps_median": statistics.median([s["gbps"] for s in ss]) if ss else None,
-                          "samples_gbps": [s["gbps"] for s in ss], "runs": ss}
-            out[c.key]["throughput"] = thr
+                    ss = samples[c.key][d]
+                    thr[d] = {"gbps_median": statistics.median([s["gbps"] for s in ss]) if ss else None,
+                              "samples_gbps": [s["gbps"] for s in ss], "runs": ss}
+                out[c.key]["throughput"] = thr
+
+        # UDP throughput at a fixed offered load, round-robin likewise.
+        if "udp" in M:
+            mon.phase = "udp"
+            samples = {c.key: {"up": [], "down": []} for c in live}
+            for rep in range(args.repeats):
+                for c in live:
+                    for d in ("up", "down"):
+                        try:
+                            s = measure_udp_iperf(c, d == "down", args)
+                            samples[c.key][d].append(s)
+                            log(f"{c.key}: iperf3 -u {d} #{rep + 1}: {s['gbps']:.3f} Gbit/s received "
+                                f"(sent {s['sender_gbps']:.3f}), loss {fmt(s['lost_percent'], '.2f', '?')} %")
+                        except ERRS as e:
+                            out[c.key]["errors"].append(f"iperf3 -u {d} #{rep + 1}: {e}")
+                            log(f"{c.key}: iperf3 -u {d} #{rep + 1} failed: {e}")
+            for c in live:
+                thr = {"offered": args.udp_rate, "len": args.udp_len}
+                for d in ("up", "down"):
+                    ss = samples[c.key][d]
+
+                    def med(k):
+                        v = [x[k] for x in ss if x.get(k) is not None]
+                        return statistics.median(v) if v else None
+                    thr[d] = {"gbps_median": med("gbps"), "sender_gbps_median": med("sender_gbps"),
+                              "loss_pct_median": med("lost_percent"),
+                              "loss_pct_max": max((x["lost_percent"] for x in ss if x.get("lost_percent") is not None),
+                                                  default=None),
+                              "samples_gbps": [x["gbps"] for x in ss], "runs": ss}
+                out[c.key]["udp_throughput"] = thr
 
         # Latency.
-        for c in live:
-            try:
-                out[c.key]["latency"] = la = measure_latency(c, args)
-                log(f"{c.key}: connect+echo p50 {la['p50_us']:.0f} µs, p99 {la['p99_us']:.0f} µs ({la['count']})")
-            except ERRS as e:
-                out[c.key]["errors"].append(f"latency: {e}")
-                log(f"{c.key}: latency failed: {e}")
+        if "latency" in M:
+            mon.phase = "latency"
+            for c in live:
+                try:
+                    out[c.key]["latency"] = la = measure_latency(c, args)
+                    log(f"{c.key}: connect+echo p50 {la['p50_us']:.0f} µs, p99 {la['p99_us']:.0f} µs ({la['count']})")
+                except ERRS as e:
+                    out[c.key]["errors"].append(f"latency: {e}")
+                    log(f"{c.key}: latency failed: {e}")
+        if "udp-latency" in M:
+            mon.phase = "udp-latency"
+            for c in live:
+                try:
+                    out[c.key]["udp_latency"] = la = measure_udp_latency(c, args)
+                    log(f"{c.key}: UDP echo p50 {la['p50_us']:.0f} µs, p99 {la['p99_us']:.0f} µs "
+                        f"({la['count']}, lost {la['lost']})")
+                except ERRS as e:
+                    out[c.key]["errors"].append(f"UDP latency: {e}")
+                    log(f"{c.key}: UDP latency failed: {e}")
+
+        # DNS: tether's stub (cached and uncached names); every contender direct to the world's
+        # server (context: the path without a stub; for tether that query is captured by the stub).
+        if "dns" in M:
+            mon.phase = "dns"
+            for c in live:
+                d = out[c.key]["dns"] = {}
+                runs = [("direct", "uncached", DNS_IP)]
+                if isinstance(c, Tether):
+                    runs = [("stub_cached", "cached", "10.0.2.3"), ("stub_uncached", "uncached", "10.0.2.3")]
+                    if not c.has_stub:
+                        d["note"] = c.note or "no DNS stub"
+                        runs = []
+                elif isinstance(c, Veth):
+                    d["note"] = "no DNS stub (plain routed netns)"
+                else:
+                    d["note"] = ("stub not measured: its built-in DNS forwarder relays to the host's "
+                                 "/etc/resolv.conf, which this private topology must not reach")
+                for key, mode, server in runs:
+                    try:
+                        d[key] = j = measure_dns(c, mode, server, args)
+                        log(f"{c.key}: DNS {key} ({server}): {j['qps']:.0f} q/s, p50 {fmt(j['p50_us'], '.0f')} µs, "
+                            f"{j['timeouts']} timeouts, {j['errors']} errors")
+                    except ERRS as e:
+                        out[c.key]["errors"].append(f"DNS {key}: {e}")
+                        log(f"{c.key}: DNS {key} failed: {e}")
 
         # The long-lived sandboxes are no longer needed.
         for c in live:
             c.teardown()
 
         # Start-up, interleaved; plus the fixed nsenter/fork/exec baseline.
+        mon.phase = "startup"
         st = {c.key: [] for c in live}
         base = []
-        for i in range(args.startup_runs):
+        for i in range(args.startup_runs if "startup" in M else 0):
             t0 = time.perf_counter()
             if run(in_ns(topo.host) + ["true"], timeout=10).returncode == 0:
                 base.append(time.perf_counter() - t0)
@@ -1039,7 +1750,7 @@ def main(argv=None) -> int:
                 except ERRS as e:
                     out[c.key]["errors"].append(f"start-up #{i + 1}: {e}")
         res["baseline_startup_ms"] = statistics.median(base) * 1000 if base else None
-        for c in live:
+        for c in live if "startup" in M else []:
             ms = [x * 1000 for x in st[c.key]]
             out[c.key]["startup"] = {"runs": len(ms), "median_ms": statistics.median(ms) if ms else None,
                                      "min_ms": min(ms, default=None), "max_ms": max(ms, default=None),
@@ -1059,7 +1770,9 @@ def main(argv=None) -> int:
             except Exception as e:
                 log(f"teardown {c.key}: {e}")
         REAPER.cleanup()
+        mon.stop()
     res["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    res["contention"] = mon.result()
     res["machine"]["loadavg_end"] = os.getloadavg()
 
     res["ratios"], res["targets"] = summarize(res)
@@ -1067,6 +1780,10 @@ def main(argv=None) -> int:
     jpath = args.out / f"{stamp}{'-quick' if args.quick else ''}.json"
     jpath.write_text(json.dumps(res, indent=1) + "\n")
     log(f"wrote {jpath}")
+    try:
+        shown = str(jpath.resolve().relative_to(REPO))
+    except ValueError:
+        shown = str(jpath)
     if not args.no_publish:
         (args.out / "latest.json").write_text(json.dumps(res, indent=1) + "\n")
         note = plot(res, args.out / "latest.png")
@@ -1074,9 +1791,9 @@ def main(argv=None) -> int:
             log(note)
         else:
             log(f"wrote {args.out / 'latest.png'}")
-        update_docs(docs_block(res, jpath.name))
+        update_docs(docs_block(res, shown))
         log(f"updated {DOCS}")
-    print(docs_block(res, jpath.name))
+    print(docs_block(res, shown))
     return 0
 
 

@@ -669,3 +669,15 @@ def test_scapy_agrees():
     assert all(p.fragment for p in parsed) and parsed[0].udp.src_port == 5
     assert all(p.udp is None and p.later_fragment for p in parsed[1:])
 
+
+
+def test_ipv4_udp_without_checksum_is_valid_and_parses():
+    """Checksum 0 means "none" for UDP over IPv4 (RFC 768): the tun path uses it."""
+    from tether.net.packet import build_udp, parse
+    raw = build_udp("203.0.113.10", 7, "10.0.2.100", 40000, b"payload", ipv4_checksum=False)
+    assert raw[26:28] == b"\x00\x00"
+    got = parse(raw)
+    assert (got.udp.src_port, got.udp.dst_port, got.udp.data) == (7, 40000, b"payload")
+    # IPv6 always carries a checksum, whatever the flag says.
+    raw6 = build_udp("2001:db8::1", 7, "fd00:7e7e::100", 40000, b"payload", ipv4_checksum=False)
+    assert raw6[46:48] != b"\x00\x00"

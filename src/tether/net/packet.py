@@ -378,8 +378,12 @@ def _icmp_message(src: IPAddress, dst: IPAddress, kind: int, code: int, rest: by
 
 
 def build_udp(src: IPAddress | str, sport: int, dst: IPAddress | str, dport: int,
-              data: bytes, ttl: int = DEFAULT_TTL) -> bytes:
-    """A complete UDP/IPv4 or UDP/IPv6 packet (family from the addresses) with its checksums."""
+              data: bytes, ttl: int = DEFAULT_TTL, ipv4_checksum: bool = True) -> bytes:
+    """A complete UDP/IPv4 or UDP/IPv6 packet (family from the addresses) with its checksums.
+
+    ``ipv4_checksum=False`` sends IPv4 UDP with checksum 0 ("none", RFC 768): for packets that
+    only cross the tun into the sandbox's own kernel, where nothing can corrupt them, this saves
+    the per-datagram checksum in Python.  IPv6 always carries one (RFC 8200)."""
     source, destination = _address_pair(src, dst)
     for name, port in (("source", sport), ("destination", dport)):
         if not 0 <= port <= 0xFFFF:
@@ -388,6 +392,9 @@ def build_udp(src: IPAddress | str, sport: int, dst: IPAddress | str, dport: int
     if len(data) > limit:
         raise ValueError(f"UDP data of {len(data)} bytes exceeds {limit} for IPv{source.version}")
     length = UDP_HEADER_LEN + len(data)
+    if source.version == 4 and not ipv4_checksum:
+        return b"".join((_ip_header(source, destination, PROTO_UDP, length, ttl),
+                         _UDP.pack(sport, dport, length, 0), data))
     value = _l4_checksum(source, destination, PROTO_UDP, _UDP.pack(sport, dport, length, 0), data)
     # 0 means "no checksum" (forbidden in IPv6): a computed 0 is sent as its other form, 0xffff.
     udp_header = _UDP.pack(sport, dport, length, value or 0xFFFF)

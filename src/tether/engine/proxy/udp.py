@@ -204,7 +204,7 @@ class UdpProxy:
 
     def reply(self, src: Endpoint, dst: Endpoint, data: bytes) -> None:
         """Deliver ``data`` to the sandbox's ``dst`` as a datagram from ``src`` (via the tun)."""
-        self.write_tun(packet.build_udp(src[0], src[1], dst[0], dst[1], data))
+        self.write_tun(packet.build_udp(src[0], src[1], dst[0], dst[1], data, ipv4_checksum=False))
 
     def _unreachable(self, src: Endpoint, dst: Endpoint, data: bytes, kind: str) -> None:
         original = packet.build_udp(src[0], src[1], dst[0], dst[1], data[:64])
