@@ -69,7 +69,7 @@ def main() -> int:
         if user:
             command = ["runuser", "-u", user, "--"] + command
         print(f"host: HTTP server on 127.0.0.1:{port}" + (f"; sandbox runs as user {user}" if user else ""))
-        print("host: $ " + " ".join(command[:-4]) + " -- python3 client.py")
+        print("host: $ " + " ".join(command[:-4]) + " python3 client.py")
         result = subprocess.run(command, cwd=workdir, timeout=60)
         server.shutdown()
         print(f"host: tether exited with {result.returncode}")

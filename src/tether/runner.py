@@ -256,17 +256,8 @@ async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> i
             finished.set_result(exit_code(status))
 
     def on_control() -> None:
-        try:
-            msg, fds = receive_message(sandbox.control)
-        except (EOFError, OSError, ValueError):
+        if not _read_holder_message(sandbox, tty_fd, failure):
             loop.remove_reader(sandbox.control.fileno())
-            return
-        for fd in fds:
-            os.close(fd)
-        if "error" in msg:
-            failure.append(msg["error"] + (f"\n  hint: {msg['hint']}" if msg.get("hint") else ""))
-        elif "stopped" in msg:
-            _stop_with_command(sandbox, tty_fd)
 
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, forward, sig)
@@ -282,24 +273,28 @@ async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> i
         loop.remove_reader(sandbox.control.fileno())
         for sig in FORWARDED_SIGNALS:
             loop.remove_signal_handler(sig)
-    on_control_drain(sandbox, failure)
+    sandbox.control.setblocking(False)  # an error the holder reported just before exiting
+    _read_holder_message(sandbox, tty_fd, failure)
     if failure:
         print(f"tether: {failure[0]}", file=sys.stderr)
         return EXIT_USAGE
     return code
 
 
-def on_control_drain(sandbox: Sandbox, failure: list[str]) -> None:
-    """Collect an error the holder reported just before exiting."""
-    sandbox.control.setblocking(False)
+def _read_holder_message(sandbox: Sandbox, tty_fd: int | None, failure: list[str]) -> bool:
+    """Handle one message from the holder (an error, or CMD stopped by Ctrl-Z); False when there
+    is none to read any more (EOF, or nothing pending on a non-blocking socket)."""
     try:
         msg, fds = receive_message(sandbox.control)
-    except (BlockingIOError, EOFError, OSError, ValueError):
-        return
+    except (EOFError, OSError, ValueError):  # OSError includes BlockingIOError
+        return False
     for fd in fds:
         os.close(fd)
     if "error" in msg:
         failure.append(msg["error"] + (f"\n  hint: {msg['hint']}" if msg.get("hint") else ""))
+    elif "stopped" in msg:
+        _stop_with_command(sandbox, tty_fd)
+    return True
 
 
 def _reap(pid: int) -> None:

@@ -13,10 +13,11 @@ Three processes take part::
   rootless; ``0 uid 1`` with ``--root``; the full range for real root) and — still holding every
   capability in its new namespaces because it has not exec'd — configures the netns in-process:
   ``lo`` up, opens ``/dev/net/tun`` (the tun lands in the netns where it is opened), addresses,
-  MTU, default route (rtnetlink), the capture ruleset (libnftables), the engine's listening
-  socket and the NFLOG socket.  It then forks the holder, sends ``ready`` with the fds
-  ``[tun, listener, nflog]`` to tether over the control socketpair (SCM_RIGHTS) and exits; the
-  holder is reparented to tether (subreaper).
+  MTU, default routes and the UDP policy route (rtnetlink), the capture ruleset (libnftables),
+  the engine's TCP listeners and TPROXY UDP sockets (one per family) and the NFLOG socket.  It
+  then forks the holder, sends the named fds (``tun``, ``tcp4``, ``udp4``, ``tcp6``, ``udp6``,
+  ``nflog``) to tether over the control socketpair (SCM_RIGHTS) and exits; the holder is
+  reparented to tether (subreaper).
 * The **holder** is pid 1 of the new pid namespace: see ``tether.ns.holder``.
 
 Errors in the spawner or holder travel over the control socket as ``{"error": ..., "hint": ...}``

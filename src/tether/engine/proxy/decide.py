@@ -37,7 +37,7 @@ class Decider:
         ip = ipaddress.ip_address(addr)
         if ip == self.net.gateway and proto in ("tcp", "udp") and port in self.allow_host_ports:
             return Decision("allow", f"allow-host:{port}"), ("127.0.0.1", port)
-        if any(ip in network for network in self._own if network.version == ip.version):
+        if any(ip in network for network in self._own):  # a version mismatch is simply "not in"
             return Decision("deny", GATEWAY_RULE), (str(ip), port)
         names = self.names_for(ip)
         return self.policy.evaluate(proto, ip, port, names=names), (str(ip), port)
