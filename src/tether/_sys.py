@@ -141,13 +141,17 @@ def close_fds_above(lowest: int, keep: int | None = None) -> None:
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 
 
-def open_tun(name: str) -> int:
-    """Create tun device ``name``; it lands in the netns where /dev/net/tun is *opened*."""
+def open_tun(name: str, vnet_header: bool = False) -> int:
+    """Create tun device ``name``; it lands in the netns where /dev/net/tun is *opened*.
+    ``vnet_header``: every read and write carries a virtio-net header first, which lets a write
+    hand the kernel checksum and segmentation work (``tether.net.packet.UdpFramer``)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_header else 0)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
     except OSError:
         os.close(fd)
         raise
@@ -188,7 +192,7 @@ def transparent_udp_socket(family: int, address: str, port: int = 0) -> socket.s
         else:
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        set_receive_buffer(sock, CAPTURE_RECEIVE_BUFFER)
         sock.bind((address, port))
     except BaseException:
         sock.close()
@@ -197,6 +201,33 @@ def transparent_udp_socket(family: int, address: str, port: int = 0) -> socket.s
 
 
 ORIGDST_CMSG_SPACE = socket.CMSG_SPACE(28)
+
+CAPTURE_RECEIVE_BUFFER = 4 << 20
+SO_RCVBUFFORCE = 33
+SOL_UDP = 17
+UDP_SEGMENT = 103
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> None:
+    """Ask for a ``size``-byte receive buffer: beyond net.core.rmem_max where the caller holds
+    CAP_NET_ADMIN over the socket's netns (SO_RCVBUFFORCE; tether's own sandbox netns, or root),
+    else as much as rmem_max allows.  Datagram relays need room for a burst while busy."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def send_segmented(sock: socket.socket, datagrams: Sequence[bytes]) -> None:
+    """Send ``datagrams`` on a connected UDP socket with one syscall and one pass through the
+    stack: UDP GSO (``UDP_SEGMENT``).  All but the last must have the first one's size (see
+    ``tether.net.gso``).  EMSGSIZE/EINVAL/EIO mean this path cannot segment that size (a segment
+    beyond the route's MTU, no checksum offload on the egress device): the caller falls back to
+    one ``send`` per datagram."""
+    if len(datagrams) == 1:
+        sock.send(datagrams[0])
+        return
+    sock.sendmsg([b"".join(datagrams)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(datagrams[0])))])
 
 
 def original_destination_of_datagram(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:

@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tether import _sys
 from tether.audit import Audit
@@ -195,8 +196,6 @@ def run(opts: RunOptions) -> int:
     try:
         # Imported only now: asyncio and the engine (~30 ms of imports) load while the spawner
         # and the holder set the sandbox up on the other core.
-        import asyncio
-
         from tether.engine.proxy.engine import DnsSettings, ProxyEngine
 
         dns = DnsSettings(upstreams, "NXDOMAIN" if opts.dns_deny == "nxdomain" else "REFUSED", opts.dns_passthrough)
@@ -204,7 +203,7 @@ def run(opts: RunOptions) -> int:
                              nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy, ruleset=ruleset, audit=audit,
                              allow_host_ports=frozenset(opts.allow_host), net=net, dns=dns,
                              connect_timeout=opts.connect_timeout, udp_timeout=opts.udp_timeout)
-        return asyncio.run(_serve(sandbox, engine, tty_fd))
+        return _run_event_loop(_serve(sandbox, engine, tty_fd))
     finally:
         _reap(sandbox.holder_pid)
         sandbox.close()
@@ -231,6 +230,19 @@ def _stop_with_command(sandbox: Sandbox, tty_fd: int | None) -> None:
     except OSError:
         foreground = False
     send_message(sandbox.control, {"continue": True, "foreground": foreground})
+
+
+def _run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop when it is installed, else on asyncio's own loop.  libuv's loop costs
+    a fraction of asyncio's per wake-up, and a datagram relay pays a wake-up per direction of
+    every round trip (UDP echo p50 on the benchmark: ~105 -> ~88 µs)."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> int:

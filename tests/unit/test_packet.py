@@ -670,14 +670,98 @@ def test_scapy_agrees():
     assert all(p.udp is None and p.later_fragment for p in parsed[1:])
 
 
+# ---------------------------------------------------------------------------------------------
+# UdpFramer: frames for a tun with a virtio-net header (what the kernel does with them is checked
+# for real by the integration tests; here: every field the kernel reads)
 
-def test_ipv4_udp_without_checksum_is_valid_and_parses():
-    """Checksum 0 means "none" for UDP over IPv4 (RFC 768): the tun path uses it."""
-    from tether.net.packet import build_udp, parse
-    raw = build_udp("203.0.113.10", 7, "10.0.2.100", 40000, b"payload", ipv4_checksum=False)
-    assert raw[26:28] == b"\x00\x00"
-    got = parse(raw)
-    assert (got.udp.src_port, got.udp.dst_port, got.udp.data) == (7, 40000, b"payload")
-    # IPv6 always carries a checksum, whatever the flag says.
-    raw6 = build_udp("2001:db8::1", 7, "fd00:7e7e::100", 40000, b"payload", ipv4_checksum=False)
-    assert raw6[46:48] != b"\x00\x00"
+
+def split_frame(frame: bytes) -> dict:
+    """Read a frame the way tun_get_user + virtio_net_hdr_to_skb + UDP GSO would."""
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack_from("=BBHHHH", frame)
+    packet = frame[10:]
+    v4 = packet[0] >> 4 == 4
+    ip_len = 20 if v4 else 40
+    udp = packet[ip_len:ip_len + 8]
+    data = packet[ip_len + 8:]
+    size = gso_size if gso_type == pk.VNET_GSO_UDP_L4 else len(data) or 1
+    return {"flags": flags, "gso_type": gso_type, "hdr_len": hdr_len, "gso_size": gso_size,
+            "csum_start": csum_start, "csum_offset": csum_offset, "ip": packet[:ip_len], "udp": udp,
+            "segments": [data[i:i + size] for i in range(0, len(data), size)] or [b""], "packet": packet}
+
+
+def pseudo_sum(src, dst, length: int) -> int:
+    """The folded one's-complement sum of the UDP pseudo-header (what NEEDS_CSUM wants)."""
+    return ~ref_checksum(ref_pseudo(src.packed, dst.packed, 17, length)) & 0xFFFF
+
+
+framer_runs = st.one_of(
+    st.integers(1, 2000).map(lambda n: [n]),
+    st.tuples(st.integers(1, 1500), st.integers(2, 40), st.integers(0, 1500)).map(
+        lambda t: [t[0]] * t[1] + ([min(t[2], t[0])] if t[2] else [])),
+)
+
+
+@given(unicast_pairs, ports, ports, framer_runs, st.integers(0, 255))
+@example((V4B, V4A), 7, 40000, [1400] * 46, 64)
+@example((V6B, V6A), 7, 40000, [1400] * 46 + [3], 64)
+@example((V4B, V4A), 7, 40000, [65507], 64)
+@example((V6B, V6A), 7, 40000, [65527], 1)
+def test_framer_frame_is_what_the_kernel_expects(addresses, sport, dport, sizes, ttl):
+    src, dst = addresses
+    datagrams = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    framer = pk.UdpFramer(src, sport, dst, dport, ttl=ttl)
+    assert framer.version == src.version
+    f = split_frame(framer.headers(datagrams) + b"".join(datagrams))
+    ip_len = 20 if src.version == 4 else 40
+    length = 8 + sum(sizes)
+    assert f["flags"] == pk.VNET_F_NEEDS_CSUM
+    assert (f["csum_start"], f["csum_offset"], f["hdr_len"]) == (ip_len, 6, ip_len + 8)
+    if len(datagrams) > 1:
+        assert (f["gso_type"], f["gso_size"]) == (pk.VNET_GSO_UDP_L4, sizes[0])
+    else:
+        assert (f["gso_type"], f["gso_size"]) == (pk.VNET_GSO_NONE, 0)
+    assert f["segments"] == datagrams
+    sp, dp, udp_len, check = struct.unpack("!HHHH", f["udp"])
+    assert (sp, dp, udp_len) == (sport, dport, length)
+    assert check % 0xFFFF == pseudo_sum(src, dst, length) % 0xFFFF, "partial checksum = pseudo-header sum"
+    # The IP header is an ordinary, valid one for the whole (super) packet.
+    parsed = parse(f["packet"])
+    assert (parsed.src, parsed.dst, parsed.proto, parsed.ttl) == (src, dst, 17, ttl)
+    if src.version == 4:
+        assert ref_checksum(f["ip"]) == 0 and int.from_bytes(f["ip"][2:4], "big") == 20 + length
+    else:
+        assert int.from_bytes(f["ip"][4:6], "big") == length
+
+
+def test_framer_headers_are_reused_per_frame():
+    framer = pk.UdpFramer("203.0.113.10", 7, "10.0.2.100", 40000)
+    a, b = framer.headers([b"x" * 10]), framer.headers([b"y" * 10])
+    assert a == b, "same length, same headers: nothing of the data leaks into them"
+    assert framer.headers([b"x" * 11]) != a
+
+
+@pytest.mark.parametrize("src, dst, sizes, match", [
+    ("203.0.113.10", "10.0.2.100", [65508], "do not fit one IPv4 packet"),
+    ("203.0.113.10", "10.0.2.100", [1400] * 47, "do not fit one IPv4 packet"),
+    ("2001:db8::1", "fd00:7e7e::100", [65528], "do not fit one IPv6 packet"),
+    ("203.0.113.10", "10.0.2.100", [], "do not fit"),
+], ids=["v4-too-big", "v4-run-too-big", "v6-too-big", "empty-run"])
+def test_framer_refuses_what_does_not_fit(src, dst, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        pk.UdpFramer(src, 7, dst, 9).headers([bytes(n) for n in sizes])
+
+
+@pytest.mark.parametrize("args, match", [
+    (("203.0.113.10", 70000, "10.0.2.100", 1), "source port 70000"),
+    (("203.0.113.10", 1, "10.0.2.100", -1), "destination port -1"),
+    (("203.0.113.10", 1, "fd00::1", 1), "address families differ"),
+    (("not-an-address", 1, "10.0.2.100", 1), "does not appear to be an IPv4 or IPv6 address"),
+], ids=["sport", "dport", "families", "garbage"])
+def test_framer_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        pk.UdpFramer(*args)
+
+
+def test_framer_bad_ttl():
+    with pytest.raises(ValueError, match="TTL 256"):
+        pk.UdpFramer("203.0.113.10", 1, "10.0.2.100", 1, ttl=256)

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Four chains in one ``inet tether`` table (all sandbox traffic is locally generated):
+Six chains in one ``inet tether`` table (all sandbox traffic is locally generated):
 
 * ``decide`` (filter, output, priority -180: after conntrack at -200, before UDP marking at -150
   and NAT at -100) sees the first packet of each new TCP connection or UDP flow with its
@@ -21,6 +21,10 @@ Four chains in one ``inet tether`` table (all sandbox traffic is locally generat
   netns, where ``divert_udp`` (filter, prerouting, mangle) hands it with ``tproxy`` to the
   engine's transparent UDP socket on the same PORT.  (Skipping local destinations matters: the
   engine's replies are injected through the tun and must not be diverted again.)
+* ``untracked_udp_out`` / ``untracked_udp_in`` (raw priority, output and prerouting) exempt UDP
+  from conntrack: nothing above needs a UDP flow's state (the engine decides flows), and a
+  request/response crosses conntrack three times inside the sandbox - a few µs of every UDP
+  round trip.
 
 What the kernel decides, and what it leaves to the engine
 ---------------------------------------------------------

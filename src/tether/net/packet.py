@@ -5,8 +5,11 @@ pure function of its arguments, so the engine's tun loop is a thin shell around 
 
 Theory of operation
 -------------------
-The sandbox's ``tun0`` is opened with ``IFF_TUN | IFF_NO_PI``: every ``read()`` returns exactly one
-IP packet and every ``write()`` must be exactly one, with no framing before it.  TCP and UDP never
+The sandbox's ``tun0`` is opened with ``IFF_TUN | IFF_NO_PI | IFF_VNET_HDR``: every ``read()``
+returns exactly one IP packet after a 10-byte virtio-net header (``VNET_HDR_LEN``; no offloads are
+enabled for reads, so it says nothing the engine needs), and every ``write()`` is one such header
+and one IP packet - or, with ``UdpFramer``, one UDP "super packet" the kernel cuts into datagrams
+(GSO) and whose checksum it fills in.  TCP and UDP never
 reach the tun on the fast path (nft redirects them to sockets the engine holds), so what the engine
 sees here is the rest: ICMP/ICMPv6 echo, other IP protocols, and whatever the capture rules let by.
 The engine needs four things, and this module provides exactly those:
@@ -24,6 +27,11 @@ The engine needs four things, and this module provides exactly those:
   refused packet as RFC 1812 (576-byte cap) and RFC 4443 (1280-byte cap) ask.  It refuses
   (``ValueError``) to answer what the RFCs say must never be answered: an ICMP error, a later
   fragment, a packet from an unspecified or multicast source or to a multicast/broadcast address.
+* ``UdpFramer``: the headers for a flow's datagrams into the sandbox - virtio-net header, IP,
+  UDP - computed from what was fixed when the flow began, for one ``writev`` with the datagrams
+  behind them.  Several datagrams of one ``tether.net.gso`` run become one GSO frame; the UDP
+  checksum is left to the kernel (``NEEDS_CSUM``: a local receiver trusts it), which spares the
+  per-datagram checksum in Python that IPv6 otherwise demands.
 * ``checksum``: the RFC 1071 Internet checksum without a per-word Python loop.  2**16 is 1 modulo
   0xffff, so the one's-complement sum of the 16-bit words is the data read as one big integer,
   modulo 0xffff; the data is read as 4 KiB integers that are added, then reduced once (~40 us for
@@ -43,6 +51,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from collections.abc import Sequence
 from typing import Literal, TypeAlias
 
 IPAddress: TypeAlias = IPv4Address | IPv6Address
@@ -377,28 +386,89 @@ def _icmp_message(src: IPAddress, dst: IPAddress, kind: int, code: int, rest: by
     return b"".join((_ip_header(src, dst, proto, len(head) + len(body), DEFAULT_TTL), head, body))
 
 
-def build_udp(src: IPAddress | str, sport: int, dst: IPAddress | str, dport: int,
-              data: bytes, ttl: int = DEFAULT_TTL, ipv4_checksum: bool = True) -> bytes:
-    """A complete UDP/IPv4 or UDP/IPv6 packet (family from the addresses) with its checksums.
-
-    ``ipv4_checksum=False`` sends IPv4 UDP with checksum 0 ("none", RFC 768): for packets that
-    only cross the tun into the sandbox's own kernel, where nothing can corrupt them, this saves
-    the per-datagram checksum in Python.  IPv6 always carries one (RFC 8200)."""
-    source, destination = _address_pair(src, dst)
+def _check_ports(sport: int, dport: int) -> None:
     for name, port in (("source", sport), ("destination", dport)):
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"UDP {name} port {port} out of range 0..65535")
+
+
+def build_udp(src: IPAddress | str, sport: int, dst: IPAddress | str, dport: int,
+              data: bytes, ttl: int = DEFAULT_TTL) -> bytes:
+    """A complete UDP/IPv4 or UDP/IPv6 packet (family from the addresses) with its checksums."""
+    source, destination = _address_pair(src, dst)
+    _check_ports(sport, dport)
     limit = MAX_UDP_DATA[source.version]
     if len(data) > limit:
         raise ValueError(f"UDP data of {len(data)} bytes exceeds {limit} for IPv{source.version}")
     length = UDP_HEADER_LEN + len(data)
-    if source.version == 4 and not ipv4_checksum:
-        return b"".join((_ip_header(source, destination, PROTO_UDP, length, ttl),
-                         _UDP.pack(sport, dport, length, 0), data))
     value = _l4_checksum(source, destination, PROTO_UDP, _UDP.pack(sport, dport, length, 0), data)
     # 0 means "no checksum" (forbidden in IPv6): a computed 0 is sent as its other form, 0xffff.
     udp_header = _UDP.pack(sport, dport, length, value or 0xFFFF)
     return b"".join((_ip_header(source, destination, PROTO_UDP, length, ttl), udp_header, data))
+
+
+# --- frames for a tun with a virtio-net header (IFF_VNET_HDR) ---------------------------------
+
+VNET_HDR_LEN = 10  # struct virtio_net_hdr, the tun's default TUNSETVNETHDRSZ
+VNET_F_NEEDS_CSUM = 1  # checksum from csum_start, stored at csum_start + csum_offset, by the kernel
+VNET_GSO_NONE = 0
+VNET_GSO_UDP_L4 = 5  # UDP segmentation (USO): cut into gso_size-byte datagrams
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset: native ("legacy") byte order
+_VNET = struct.Struct("=BBHHHH")
+PLAIN_VNET_HEADER = bytes(VNET_HDR_LEN)  # "nothing to offload": an ordinary, complete packet
+_UDP_CHECK_OFFSET = 6
+
+
+class UdpFramer:
+    """Headers for the datagrams of one UDP flow written into the tun, from ``src`` to ``dst``.
+
+    What does not change per datagram (addresses, ports, the partial sums of the IPv4 header and
+    the pseudo-header) is computed once, when the flow starts; ``headers`` then costs a handful
+    of integer operations.  The UDP checksum field holds the folded pseudo-header sum, as
+    ``NEEDS_CSUM`` requires: the kernel adds the rest (and, for a GSO frame, re-derives it per
+    datagram from the super packet's length)."""
+
+    __slots__ = ("version", "_ip_len", "_ip_fixed", "_ip_sum", "_ports", "_pseudo_sum", "_ipv6_tail")
+
+    def __init__(self, src: IPAddress | str, sport: int, dst: IPAddress | str, dport: int,
+                 ttl: int = DEFAULT_TTL) -> None:
+        source, destination = _address_pair(src, dst)
+        _check_ports(sport, dport)
+        if not 0 <= ttl <= 255:
+            raise ValueError(f"TTL {ttl} out of range 0..255")
+        self.version = source.version
+        self._ports = struct.pack("!HH", sport, dport)
+        addresses = source.packed + destination.packed
+        self._pseudo_sum = (_word_sum(addresses) + PROTO_UDP) % 0xFFFF
+        # IPv4: the header with total length and checksum 0, both filled in per frame.
+        # IPv6: everything after the payload length (next header, hop limit, addresses).
+        self._ip_len = IPV4_HEADER_LEN if self.version == 4 else IPV6_HEADER_LEN
+        self._ip_fixed = _IPV4.pack(0x45, 0, 0, 0, _IPV4_DF, ttl, PROTO_UDP, 0, source.packed,
+                                    destination.packed) if self.version == 4 else b""
+        self._ip_sum = _word_sum(self._ip_fixed)
+        self._ipv6_tail = struct.pack("!BB", PROTO_UDP, ttl) + addresses
+
+    def headers(self, datagrams: Sequence[bytes]) -> bytes:
+        """virtio-net + IP + UDP headers to write (``writev``) just before ``datagrams``: one
+        ``tether.net.gso`` run, several datagrams becoming one GSO frame."""
+        payload = 0
+        for datagram in datagrams:
+            payload += len(datagram)
+        length = UDP_HEADER_LEN + payload
+        if length - UDP_HEADER_LEN > MAX_UDP_DATA[self.version] or not datagrams:
+            raise ValueError(f"{len(datagrams)} datagrams of {payload} bytes do not fit one IPv{self.version} packet")
+        segmented = len(datagrams) > 1
+        vnet = _VNET.pack(VNET_F_NEEDS_CSUM, VNET_GSO_UDP_L4 if segmented else VNET_GSO_NONE,
+                          self._ip_len + UDP_HEADER_LEN, len(datagrams[0]) if segmented else 0,
+                          self._ip_len, _UDP_CHECK_OFFSET)
+        udp = self._ports + struct.pack("!HH", length, (self._pseudo_sum + length) % 0xFFFF)
+        if self.version == 4:
+            total = IPV4_HEADER_LEN + length
+            ip = bytearray(self._ip_fixed)
+            struct.pack_into("!H", ip, 2, total)
+            struct.pack_into("!H", ip, 10, _complement(self._ip_sum + total))
+            return vnet + ip + udp
+        return vnet + struct.pack("!IH", 6 << 28, length) + self._ipv6_tail + udp
 
 
 def build_echo_reply(request: Packet, data: bytes | None = None) -> bytes:

@@ -181,7 +181,7 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
         # fragmented IPv6 datagram there would not reach the TPROXY socket (65527-byte payloads).
         rtnl.link_up("lo", mtu=LOOPBACK_MTU)
         try:
-            tun = _sys.open_tun("tun0")
+            tun = _sys.open_tun("tun0", vnet_header=True)
         except OSError as exc:
             raise SandboxError(f"cannot create the sandbox's tun device: /dev/net/tun: {exc.strerror}",
                                "allow access to /dev/net/tun: chmod 0666 /dev/net/tun "

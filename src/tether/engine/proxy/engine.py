@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tether.audit import Audit, format_endpoint
@@ -21,7 +22,7 @@ from tether.engine.proxy.icmp import IcmpResponder
 from tether.engine.proxy.tcp import CONNECT_TIMEOUT, TcpProxy
 from tether.engine.proxy.udp import DNS_IDLE_TIMEOUT, IDLE_TIMEOUT, UdpProxy
 from tether.names import NameMap
-from tether.net import nflog
+from tether.net import nflog, packet
 from tether.net.nft import Ruleset, SandboxNet
 from tether.policy import Policy
 
@@ -50,7 +51,7 @@ class ProxyEngine:
         self.policy = policy
         self.dns_settings = dns
         self._dns_server = None  # built on first use: dnspython costs ~25 ms of start-up
-        self.udp = UdpProxy(udp_sockets, self.write_tun, self.decider, audit, self._on_dns_datagram,
+        self.udp = UdpProxy(udp_sockets, self.write_tun, self.write_tun_frame, self.decider, audit, self._on_dns_datagram,
                             passthrough_dns=dns.passthrough, idle=udp_timeout,
                             dns_idle=min(DNS_IDLE_TIMEOUT, udp_timeout))
         self.tcp = TcpProxy(tcp_listeners, self.decider, audit, connect_timeout,
@@ -72,6 +73,8 @@ class ProxyEngine:
         self._loop.add_reader(self.tun, self._on_tun)
 
     async def drain(self, timeout: float = 1.0) -> None:
+        """The sandbox has ended: relay what it sent just before (see the proxies' ``drain``)."""
+        self.udp.drain()
         await self.tcp.drain(timeout)
 
     def close(self) -> None:
@@ -87,10 +90,15 @@ class ProxyEngine:
             self._dns_server.close()
 
     def write_tun(self, pkt: bytes) -> None:
-        """Inject one IP packet into the sandbox (as if received from the world)."""
+        """Inject one complete IP packet into the sandbox (as if received from the world)."""
+        self.write_tun_frame((packet.PLAIN_VNET_HEADER, pkt))
+
+    def write_tun_frame(self, parts: Sequence[bytes]) -> None:
+        """Inject one tun frame - virtio-net header, then the packet - given in ``parts`` (one
+        ``writev``: a GSO frame's datagrams are never copied into one buffer)."""
         try:
-            os.write(self.tun, pkt)
-        except (BlockingIOError, InterruptedError, OSError):
+            os.writev(self.tun, parts)
+        except OSError:
             self.dropped_packets += 1
 
     # -- DNS ----------------------------------------------------------------------------------
@@ -172,7 +180,7 @@ class ProxyEngine:
     def _on_tun(self) -> None:
         for _ in range(TUN_READS_PER_WAKEUP):
             try:
-                raw = os.read(self.tun, 65536)
+                raw = os.read(self.tun, packet.VNET_HDR_LEN + 65536)[packet.VNET_HDR_LEN:]
             except (BlockingIOError, InterruptedError):
                 return
             try:
