@@ -15,7 +15,8 @@ so that no two implementations can read one frame two ways: ``NaN``/``Infinity``
 overflow a double (``1e400``) are refused, a duplicate key in an object is refused (parsers differ
 on which one wins, a classic smuggling trick), and so is a string holding a lone UTF-16 surrogate
 (``"\\ud800"``: valid JSON syntax, but no Unicode character, so it cannot be written back as UTF-8).
-Nesting deeper than the interpreter's recursion limit (~1000) is refused as bad JSON too.
+Arrays and objects may nest ``MAX_DEPTH`` levels deep, a fixed limit (the parser's own, ~1000,
+depends on how deep the caller's stack already is).
 
 **Messages.**  ``"type"`` selects a row of ``MESSAGE_FIELDS``: the required and optional keys of
 that type and the check each value must pass.  The table is the whole schema; ``_decode_body`` walks it
@@ -63,12 +64,13 @@ import json
 import math
 import re
 import struct
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 MAX_FRAME: Final = 65536  # bytes of JSON in one frame (the length prefix not counted)
 MAX_FDS: Final = 16  # fds per frame and per recvmsg (the kernel's SCM_MAX_FD is 253)
+MAX_DEPTH: Final = 64  # nesting of arrays/objects, the frame's own object being level 1
 MAX_ID: Final = 2**53 - 1  # largest id: exact as a double, so safe in every JSON implementation
 PROTOCOL_VERSIONS: Final = (1,)  # what this build speaks; a new version is appended, never replaced
 LENGTH_PREFIX: Final = 4
@@ -90,16 +92,20 @@ BAD_FIELD: Final = "bad-field"
 FD_COUNT: Final = "fd-count"
 TOO_MANY_FDS: Final = "too-many-fds"
 VERSION: Final = "version"
+BUSY: Final = "busy"
 # Sent by the control server in an ``error`` answering one request; the connection stays open.
 UNKNOWN_METHOD: Final = "unknown-method"
 BAD_PARAMS: Final = "bad-params"
 PERMISSION_DENIED: Final = "permission-denied"
 NOT_FOUND: Final = "not-found"
 CONFLICT: Final = "conflict"
+INVALID_CONFIG: Final = "invalid-config"
 INTERNAL: Final = "internal"
 
 
 class ErrorCode(NamedTuple):
+    """One row of the error table in docs/protocol.md."""
+
     closes: bool  # True: the sender closes the connection after sending it (id null)
     meaning: str
 
@@ -110,7 +116,7 @@ ERRORS: Final[dict[str, ErrorCode]] = {
     TRUNCATED: ErrorCode(True, "the peer closed in the middle of a frame"),
     BAD_UTF8: ErrorCode(True, "the frame body is not valid UTF-8"),
     BAD_JSON: ErrorCode(True, "the body is not strict JSON (syntax, NaN/Infinity, a number out of "
-                              "range, a duplicate key, a lone surrogate, nested too deeply)"),
+                              "range, a duplicate key, a lone surrogate, nesting over the limit)"),
     NOT_AN_OBJECT: ErrorCode(True, "the JSON is valid but not an object"),
     UNKNOWN_TYPE: ErrorCode(True, "\"type\" names no message type of the negotiated version"),
     BAD_FIELD: ErrorCode(True, "a required key is missing or a key has the wrong type or range "
@@ -119,6 +125,7 @@ ERRORS: Final[dict[str, ErrorCode]] = {
                               "arrived where no frame begins"),
     TOO_MANY_FDS: ErrorCode(True, "more fds arrived at once than the per-frame limit"),
     VERSION: ErrorCode(True, "the hello exchange found no protocol version both sides speak"),
+    BUSY: ErrorCode(True, "the server has as many connections as it serves at once; retry later"),
     UNKNOWN_METHOD: ErrorCode(False, "the request's method does not exist (on this socket)"),
     BAD_PARAMS: ErrorCode(False, "the method exists but its params are missing, mistyped or invalid"),
     PERMISSION_DENIED: ErrorCode(False, "the peer (SO_PEERCRED, or the socket it reached) may not "
@@ -126,6 +133,8 @@ ERRORS: Final[dict[str, ErrorCode]] = {
     NOT_FOUND: ErrorCode(False, "the sandbox, profile or object named does not exist"),
     CONFLICT: ErrorCode(False, "the request collides with the current state (exists already, busy, "
                                "stopping)"),
+    INVALID_CONFIG: ErrorCode(False, "a configuration file the request reads is invalid; the message says "
+                                     "where, and nothing changed"),
     INTERNAL: ErrorCode(False, "the server failed; the message says what, the request may be retried"),
 }
 
@@ -163,7 +172,7 @@ class Message:
     event: dict[str, Any] | None = None
     versions: tuple[int, ...] | None = None
     software: str | None = None
-    fds: tuple[int, ...] = field(default=())
+    fds: tuple[int, ...] = ()
 
 
 def _is_id(value: Any) -> bool:
@@ -220,8 +229,6 @@ MESSAGE_FIELDS: Final[dict[str, tuple[FieldSpec, ...]]] = {
               FieldSpec("event", True, _is_object, "an object")),
 }
 _DEFAULTS: Final[dict[str, Callable[[], Any]]] = {"params": dict}
-_FDS = FieldSpec("fds", False, lambda v: type(v) is int and 0 <= v <= MAX_FDS,
-                 f"an integer from 0 to {MAX_FDS}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,20 +266,23 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reje
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _lone_surrogate(value: Any) -> str | None:
-    """The first string (key or value) in ``value`` that holds a lone surrogate, or None.
-    Iterative: the parsed value may be nested as deep as the parser allowed."""
-    stack = [value]
+def _check_strings_and_depth(value: Any) -> str | None:
+    """What is wrong with a parsed value that the parser let through (a lone surrogate in a key or a
+    string, nesting deeper than ``MAX_DEPTH``), or None.  Iterative: it may be nested deeply."""
+    stack = [(value, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         if type(item) is str:
             if not item.isascii() and _SURROGATE.search(item):
-                return item
-        elif type(item) is dict:
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif type(item) is list:
-            stack.extend(item)
+                return f"the string {_show(item)} holds a lone UTF-16 surrogate, which is not a character"
+        elif type(item) is dict or type(item) is list:
+            if depth > MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+            if type(item) is dict:
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
     return None
 
 
@@ -296,16 +306,18 @@ def _decode_body(body: bytes, fds: tuple[int, ...], max_fds: int, where: str) ->
     except UnicodeDecodeError as exc:
         raise ProtocolError(BAD_UTF8, f"{where}: invalid UTF-8 at byte {exc.start} of the body "
                                       f"({body[exc.start:exc.start + 4].hex(' ')})") from None
+    if text.startswith("\ufeff"):
+        raise ProtocolError(BAD_JSON, f"{where}: invalid JSON: starts with a byte order mark (U+FEFF)")
     try:
         obj = _DECODER.decode(text)
-    except RecursionError:
-        raise ProtocolError(BAD_JSON, f"{where}: invalid JSON: nested too deeply") from None
+    except RecursionError:  # far deeper than MAX_DEPTH: the parser's own limit (~1000) hit first
+        raise ProtocolError(BAD_JSON, f"{where}: invalid JSON: nested deeper than {MAX_DEPTH} "
+                                      "levels") from None
     except ValueError as exc:  # JSONDecodeError, _Reject, an int of more than 4300 digits
         raise ProtocolError(BAD_JSON, f"{where}: invalid JSON: {exc}") from None
-    bad = _lone_surrogate(obj)
-    if bad is not None:
-        raise ProtocolError(BAD_JSON, f"{where}: invalid JSON: the string {_show(bad)} holds a lone "
-                                      "UTF-16 surrogate, which is not a character")
+    problem = _check_strings_and_depth(obj)
+    if problem is not None:
+        raise ProtocolError(BAD_JSON, f"{where}: invalid JSON: {problem}")
     if type(obj) is not dict:
         raise ProtocolError(NOT_AN_OBJECT, f"{where}: the JSON is {_show(obj)}, not an object")
 
@@ -356,14 +368,14 @@ def encode(obj: dict[str, Any], nfds: int = 0, *, max_frame: int = MAX_FRAME) ->
         raise ValueError(f"a message is a dict (a JSON object), not {type(obj).__name__}")
     if not (type(nfds) is int and 0 <= nfds <= MAX_FDS):
         raise ValueError(f"nfds must be an integer from 0 to {MAX_FDS}, got {nfds!r}")
-    if "fds" in obj and obj["fds"] != nfds:
+    if "fds" in obj and not (type(obj["fds"]) is int and obj["fds"] == nfds):
         raise ValueError(f'the message declares "fds": {obj["fds"]!r} but nfds is {nfds}')
     if nfds:
         obj = {**obj, "fds": nfds}
     try:
         text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except RecursionError:
-        raise ValueError("cannot encode as JSON: nested too deeply") from None
+        raise ValueError(f"cannot encode as JSON: nested deeper than {MAX_DEPTH} levels") from None
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot encode as JSON: {exc}") from None
     try:
@@ -385,6 +397,7 @@ def hello(software: str, versions: Sequence[int] = PROTOCOL_VERSIONS) -> dict[st
 
 
 def request(id: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A call of ``method``; ``id`` must be unique among the caller's unanswered requests."""
     return {"type": "request", "id": id, "method": method, "params": {} if params is None else params}
 
 
@@ -588,8 +601,3 @@ class Decoder:
             del self._buf[:self._pos]
             self._pos = 0
 
-
-def iter_messages(decoder: Decoder) -> Iterator[Message]:
-    """Every complete message buffered in ``decoder`` (``next()`` until None)."""
-    while (message := decoder.next()) is not None:
-        yield message
