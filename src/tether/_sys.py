@@ -125,15 +125,15 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def close_fds_above(lowest: int, keep: int | None = None) -> None:
-    """Close every fd >= ``lowest`` except ``keep`` (before exec: the sandboxed command gets
-    0, 1, 2 only; the holder keeps only its control socket)."""
+def close_fds_above(lowest: int, keep: Sequence[int] = ()) -> None:
+    """Close every fd >= ``lowest`` except those in ``keep`` (before exec: the sandboxed command
+    gets 0, 1, 2 and its --listen sockets only; the holder keeps its control socket and those)."""
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if keep is None or keep < lowest:
-        os.closerange(lowest, limit)
-    else:
-        os.closerange(lowest, keep)
-        os.closerange(keep + 1, limit)
+    start = lowest
+    for fd in sorted(fd for fd in set(keep) if fd >= lowest):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, limit)
 
 
 # --- tun ------------------------------------------------------------------------------------
@@ -200,6 +200,32 @@ def transparent_udp_socket(family: int, address: str, port: int = 0) -> socket.s
     return sock
 
 
+def inside_connection(family: int, kind: int, source: tuple[str, int], port: int) -> tuple[socket.socket, tuple]:
+    """Inside the sandbox's netns: a socket bound to a *foreign* address (IP_TRANSPARENT: the
+    published port's real client) and connecting, non-blocking, to the loopback's ``port``.  If
+    the client's port is taken in here, any port of that address will do.  Returns the socket
+    and the address it got."""
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
+    try:
+        level, option = ((socket.IPPROTO_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6
+                         else (socket.SOL_IP, IP_TRANSPARENT))
+        sock.setsockopt(level, option, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(source)
+        except OSError:
+            sock.bind((source[0], 0))
+        bound = sock.getsockname()
+        try:
+            sock.connect(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
+        except BlockingIOError:
+            pass  # TCP: completes later (the caller waits for writability)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, bound
+
+
 ORIGDST_CMSG_SPACE = socket.CMSG_SPACE(28)
 
 CAPTURE_RECEIVE_BUFFER = 4 << 20
@@ -245,9 +271,18 @@ def set_reset_on_close(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def send_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
-    """sendmsg with SCM_RIGHTS; the receiver gets its own copies of ``fds``."""
-    socket.send_fds(sock, [data], list(fds))
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED), as the
+    kernel recorded them at connect(): what the control socket authorises on."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def send_fds(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int]) -> int:
+    """sendmsg with SCM_RIGHTS; the receiver gets its own copies of ``fds``.  Returns the bytes
+    sent (a stream socket may take fewer; the fds ride on the first of them)."""
+    return socket.send_fds(sock, [data], list(fds))
 
 
 def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:

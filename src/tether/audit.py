@@ -8,13 +8,15 @@ IPv6 in brackets), ``rule`` (the rule's text, ``default``, or a builtin label), 
 
 Sinks: a JSONL file (``--log PATH``) or stderr (``--log -``).  Without ``--log`` denials are
 still reported on stderr as one short line each, rate-limited so a flood of refused
-connections cannot drown the user's terminal.  Subscribers (later: ``tether ctl events``)
-receive every event as a dict.
+connections cannot drown the user's terminal.  Subscribers (``tether ctl NAME events
+--follow``) receive every event as a dict; the last ``RECENT`` are kept for ``events`` without
+``--follow``.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 import sys
 import time
 from datetime import datetime, UTC
@@ -22,6 +24,7 @@ from typing import TextIO
 from collections.abc import Callable
 
 DENIAL_LINES_PER_SECOND = 5
+RECENT = 1000
 
 
 def format_endpoint(addr: str, port: int) -> str:
@@ -39,6 +42,7 @@ class Audit:
         self._window_count = 0
         self._suppressed = 0
         self.subscribers: list[Callable[[dict], None]] = []
+        self.recent: deque[dict] = deque(maxlen=RECENT)
         self.denied = 0
 
     def emit(self, event: str, *, proto: str, src: str, dst: str, rule: str, verdict: str,
@@ -64,6 +68,7 @@ class Audit:
             self._sink.flush()
         elif event == "deny":
             self._report_denial(record)
+        self.recent.append(record)
         for subscriber in list(self.subscribers):
             subscriber(record)
         return record

@@ -43,7 +43,14 @@ def main() -> None:
 @click.option("--ipv6-only", is_flag=True, help="No IPv4 in the sandbox (IPv4 connections fail with ENETUNREACH).")
 @click.option("--mtu", type=int, default=65520, show_default=True, help="MTU of the sandbox's tun0.")
 @click.option("--root", "map_root", is_flag=True, help="Map your uid to 0 inside the sandbox.")
-@click.option("--name", metavar="NAME", help="Sandbox name (audit events; default sbx-PID).")
+@click.option("--name", metavar="NAME",
+              help="Sandbox name: audit events, tether ps, tether ctl NAME (default sbx-PID).")
+@click.option("-p", "--publish", "publish", multiple=True, metavar="[HOSTADDR:]HOSTPORT:SANDBOXPORT[/tcp|/udp]",
+              help="Publish a sandbox port on the host (default address 127.0.0.1); ranges 8000-8010:8000-8010. "
+                   "The sandboxed server sees each client's real address. Repeatable.")
+@click.option("--listen", "listen", multiple=True, metavar="[ADDR:]PORT",
+              help="Listen on the host (default address 127.0.0.1) and hand the socket to CMD as "
+                   "fd 3, 4, ... with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES (systemd socket activation). Repeatable.")
 @click.option("-v", "--verbose", is_flag=True, help="Say what is being set up.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(argv: tuple[str, ...], **options: object) -> None:
@@ -56,6 +63,7 @@ def run(argv: tuple[str, ...], **options: object) -> None:
 
     opts = RunOptions(argv=list(argv), allow=list(options.pop("allow")), deny=list(options.pop("deny")),
                       allow_host=list(options.pop("allow_host")), dns=list(options.pop("dns")),
+                      listen=list(options.pop("listen")), publish=list(options.pop("publish")),
                       **options)  # type: ignore[arg-type]
     try:
         code = run_sandbox(opts)
@@ -65,6 +73,177 @@ def run(argv: tuple[str, ...], **options: object) -> None:
             click.echo(f"  hint: {exc.hint}", err=True)
         sys.exit(EXIT_USAGE)
     sys.exit(code)
+
+
+def _fail(exc: Exception) -> None:
+    """A ctl/ps failure the user can act on: one line (plus the hint), exit 1."""
+    click.echo(f"tether: {exc}", err=True)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        click.echo(f"  hint: {hint}", err=True)
+    sys.exit(1)
+
+
+def _ctl_errors():
+    from tether.control import ControlError
+    from tether.errors import TetherError
+
+    return (ControlError, TetherError)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of objects, one per sandbox.")
+def ps(as_json: bool) -> None:
+    """List your running sandboxes (root: everyone's)."""
+    from tether import ctl
+
+    try:
+        rows = ctl.list_sandboxes()
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(ctl.dumps(rows) if as_json else ctl.render_ps(rows))
+
+
+@main.group()
+@click.argument("name")
+@click.pass_context
+def ctl(ctx: click.Context, name: str) -> None:
+    """Observe and control the running sandbox NAME (tether run --name NAME): tether ctl NAME COMMAND."""
+    ctx.obj = name
+
+
+@ctl.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of objects, one per connection.")
+@click.pass_obj
+def connections(name: str, as_json: bool) -> None:
+    """Live connections and UDP flows of NAME, with age and bytes."""
+    from tether import ctl as c
+
+    try:
+        rows = c.call(name, "connections")["connections"]
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(c.dumps(rows) if as_json else c.render_connections(rows))
+
+
+@ctl.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events until interrupted.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (the audit log's format).")
+@click.option("--backlog", type=click.IntRange(0, 1000), default=100, show_default=True,
+              help="How many recent events to print first.")
+@click.pass_obj
+def events(name: str, follow: bool, as_json: bool, backlog: int) -> None:
+    """Audit events of NAME: the recent ones, then (--follow) new ones as they happen."""
+    from tether import ctl as c
+
+    try:
+        for ev in c.events(name, follow, backlog):
+            click.echo(c.dumps(ev) if as_json else c.render_event(ev))
+    except KeyboardInterrupt:
+        pass
+    except _ctl_errors() as exc:
+        if follow and getattr(exc, "code", None) == "closed":
+            return  # the sandbox ended: the stream is complete
+        _fail(exc)
+
+
+@ctl.group()
+def policy() -> None:
+    """Show or reload NAME's policy."""
+
+
+@policy.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def policy_show(name: str, as_json: bool) -> None:
+    """The default and the rules in evaluation order (first match wins)."""
+    from tether import ctl as c
+
+    try:
+        result = c.call(name, "policy.show")
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(c.dumps(result) if as_json else c.render_policy(result))
+
+
+@policy.command("reload")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def policy_reload(name: str, as_json: bool) -> None:
+    """Re-read NAME's --policy FILE: new connections and flows follow it, live ones stay."""
+    from tether import ctl as c
+
+    try:
+        result = c.call(name, "policy.reload")
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(c.dumps(result) if as_json else
+               f"tether: {name}: policy reloaded from {result['file']} (default {result['default']}, "
+               f"{result['rules']} rules)")
+
+
+@ctl.group()
+def ports() -> None:
+    """List, add or remove NAME's published ports."""
+
+
+@ports.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def ports_list(name: str, as_json: bool) -> None:
+    """Published ports: host address and port, sandbox port, connections accepted."""
+    from tether import ctl as c
+
+    try:
+        rows = c.call(name, "ports.list")["ports"]
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(c.dumps(rows) if as_json else c.render_ports(rows))
+
+
+@ports.command("add")
+@click.argument("spec", metavar="[HOSTADDR:]HOSTPORT:SANDBOXPORT[/tcp|/udp]")
+@click.pass_obj
+def ports_add(name: str, spec: str) -> None:
+    """Publish another port while NAME runs."""
+    from tether import ctl as c
+
+    try:
+        added = c.call(name, "ports.add", {"spec": spec})["added"]
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(f"tether: {name}: published {', '.join(added)}")
+
+
+@ports.command("rm")
+@click.argument("port", metavar="[HOSTADDR:]HOSTPORT[/tcp|/udp]")
+@click.pass_obj
+def ports_rm(name: str, port: str) -> None:
+    """Stop publishing a port (connections in progress stay)."""
+    from tether import ctl as c
+
+    try:
+        removed = c.call(name, "ports.rm", {"port": port})["removed"]
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(f"tether: {name}: unpublished {', '.join(removed)}")
+
+
+@ctl.command()
+@click.option("--timeout", type=click.FloatRange(0, 3600), default=10.0, show_default=True, metavar="SECONDS",
+              help="SIGKILL the sandbox if CMD has not exited this long after SIGTERM.")
+@click.pass_obj
+def stop(name: str, timeout: float) -> None:
+    """Stop NAME gracefully: SIGTERM to CMD, SIGKILL after --timeout."""
+    from tether import ctl as c
+
+    try:
+        gone = c.stop(name, timeout)
+    except _ctl_errors() as exc:
+        _fail(exc)
+    if not gone:
+        _fail(RuntimeError(f"sandbox {name!r} is still running {timeout + 5:g} s after the stop request"))
+    click.echo(f"tether: stopped {name}")
 
 
 if __name__ == "__main__":

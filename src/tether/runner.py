@@ -11,21 +11,28 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import sys
+import time
+from datetime import UTC, datetime
 from dataclasses import dataclass, field
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TextIO
 
-from tether import _sys
+from tether import _sys, activation, runtime
 from tether.audit import Audit
 from tether.errors import TetherError
-from tether.net.nft import SandboxNet, compile_ruleset
+from tether.net.nft import TABLE, SandboxNet, compile_ruleset
 from tether.net.rtnl import Rtnl
 from tether.ns.holder import FORWARDED_SIGNALS, exit_code
+from tether.ns.link import HolderLink, close_fds
 from tether.ns.spawn import Sandbox, SandboxError, SandboxSpec, receive_message, send_message, spawn
 from tether.policy import Policy, build_policy, load_policy_file
+from tether.publish import PublishError, open_host_sockets, parse_publish
+from tether.runtime import RuntimeDirError
 
 if TYPE_CHECKING:
+    from tether.sandbox_control import SandboxControl
     from tether.engine.proxy.engine import ProxyEngine
 
 EXIT_USAGE = 2
@@ -54,6 +61,8 @@ class RunOptions:
     ipv6_only: bool = False
     map_root: bool = False
     name: str | None = None
+    listen: list[str] = field(default_factory=list)
+    publish: list[str] = field(default_factory=list)
     verbose: bool = False
 
 
@@ -155,6 +164,16 @@ def run(opts: RunOptions) -> int:
         raise RunError(f"bad --mtu {opts.mtu}: must be 576-65520")
     if opts.ipv4_only and opts.ipv6_only:
         raise RunError("--ipv4-only and --ipv6-only exclude each other")
+    name = opts.name or f"sbx-{os.getpid()}"
+    try:
+        runtime.check_name(name)
+    except RuntimeDirError as exc:
+        raise RunError(f"bad --name: {exc}", exc.hint) from None
+    try:
+        listens = [activation.parse_listen(text) for text in opts.listen]
+        publishes = [p for text in opts.publish for p in parse_publish(text)]
+    except (activation.ListenError, PublishError) as exc:
+        raise RunError(str(exc), exc.hint) from None
     policy = _build_policy(opts)
     upstreams = _dns_upstreams(opts)
     check_prerequisites()
@@ -162,12 +181,34 @@ def run(opts: RunOptions) -> int:
     ipv4, ipv6 = not opts.ipv6_only, not opts.ipv4_only
     resolv_conf = "".join(f"nameserver {server}\n" for enabled, server in ((ipv4, net.dns), (ipv6, net.dns6))
                           if enabled)
-    name = opts.name or f"sbx-{os.getpid()}"
     rules = policy.ordered_rules()
     dns_to_stub = not opts.dns_passthrough
     ruleset = compile_ruleset(rules, policy.default, 0, opts.allow_host, net, dns_to_stub)
     sink = _open_log(opts.log)
     audit = Audit(name, sink)
+    try:
+        claim = runtime.claim(runtime.ensure_runtime_dir(runtime.runtime_dir()), name)
+        try:
+            listener = claim.listen()
+        except RuntimeDirError:
+            claim.release()
+            raise
+    except RuntimeDirError as exc:
+        audit.close()
+        raise RunError(str(exc), exc.hint) from None
+    try:
+        served = activation.open_listeners(listens)
+        try:
+            published = open_host_sockets(publishes)
+        except PublishError:
+            for sock in served:
+                sock.close()
+            raise
+    except (activation.ListenError, PublishError) as exc:
+        audit.close()
+        listener.close()
+        claim.release()
+        raise RunError(str(exc), exc.hint) from None
     tty_fd = _foreground_tty()
     spec = SandboxSpec(
         argv=opts.argv,
@@ -179,6 +220,8 @@ def run(opts: RunOptions) -> int:
         resolv_conf=resolv_conf,
         ipv4=ipv4,
         ipv6=ipv6,
+        listen_fds=[sock.fileno() for sock in served],
+        listen_names=[listen.name for listen in listens],
     )
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we write to the tty while CMD owns it
     _sys.raise_fd_limit()
@@ -189,25 +232,45 @@ def run(opts: RunOptions) -> int:
         sandbox = spawn(spec)
     except SandboxError as exc:
         audit.close()
+        listener.close()
+        claim.release()
+        for _, sock in published:
+            sock.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         raise RunError(str(exc), exc.hint) from None
+    finally:
+        for sock in served:  # CMD holds them now: tether never accepts on them
+            sock.close()
     if opts.verbose:
-        print(f"tether: sandbox {name} started (holder pid {sandbox.holder_pid})", file=sys.stderr)
+        print(f"tether: sandbox {name} started (holder pid {sandbox.holder_pid}; "
+              f"control socket {claim.socket_path})", file=sys.stderr)
+    started, started_at = time.monotonic(), datetime.now(UTC)
     try:
         # Imported only now: asyncio and the engine (~30 ms of imports) load while the spawner
         # and the holder set the sandbox up on the other core.
         from tether.engine.proxy.engine import DnsSettings, ProxyEngine
+        from tether.sandbox_control import SandboxControl, SandboxInfo
 
+        link = HolderLink(sandbox.control)
         dns = DnsSettings(upstreams, "NXDOMAIN" if opts.dns_deny == "nxdomain" else "REFUSED", opts.dns_passthrough)
         engine = ProxyEngine(tcp_listeners=sandbox.tcp_listeners, udp_sockets=sandbox.udp_sockets,
                              nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy, ruleset=ruleset, audit=audit,
-                             allow_host_ports=frozenset(opts.allow_host), net=net, dns=dns,
+                             allow_host_ports=frozenset(opts.allow_host), net=net, dns=dns, link=link,
+                             families=tuple(f for f, on in ((4, ipv4), (6, ipv6)) if on),
                              connect_timeout=opts.connect_timeout, udp_timeout=opts.udp_timeout)
-        return _run_event_loop(_serve(sandbox, engine, tty_fd))
+        engine.inbound.add(published)
+        info = SandboxInfo(name, sandbox.holder_pid, list(opts.argv), opts.policy_file, started, started_at)
+        current = [policy]
+        control = SandboxControl(info, engine, audit, lambda: current[0],
+                                 stop=lambda timeout: _stop_sandbox(sandbox, timeout),
+                                 reload=_policy_reloader(opts, net, sandbox, engine, current, link))
+        return _run_event_loop(_serve(sandbox, engine, tty_fd, listener, control, link))
     finally:
         _reap(sandbox.holder_pid)
         sandbox.close()
         audit.close()
+        listener.close()
+        claim.release()
         if tty_fd is not None:
             try:
                 os.tcsetpgrp(tty_fd, os.getpgrp())
@@ -245,8 +308,70 @@ def _run_event_loop(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
-async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> int:
+def _stop_sandbox(sandbox: Sandbox, timeout: float) -> None:
+    """``tether ctl NAME stop``: SIGTERM to CMD (through the holder), SIGKILL to the holder - and
+    with it the whole pid namespace - if the sandbox is still there after ``timeout`` seconds."""
     import asyncio
+
+    def kill(sig: int) -> None:
+        try:
+            os.kill(sandbox.holder_pid, sig)
+        except ProcessLookupError:
+            pass
+
+    kill(signal.SIGTERM)
+    asyncio.get_running_loop().call_later(timeout, kill, signal.SIGKILL)
+
+
+MAX_RULESET_MESSAGE = 60000  # the holder reads one SEQPACKET message of up to 64 KiB
+
+
+def _policy_reloader(opts: RunOptions, net: SandboxNet, sandbox: Sandbox, engine: ProxyEngine,
+                     current: list[Policy], link: HolderLink) -> Callable:
+    """``tether ctl NAME policy reload``: re-read ``--policy FILE`` (with the same command-line
+    rules), have the holder swap the sandbox's capture ruleset in one nft transaction, then switch
+    the engine.  Kernel first: in between, the old engine policy only ever sees what the new
+    kernel rules let through, and refuses what it denies.  Live connections are kept."""
+
+    def reload(done: Callable[[dict | None, tuple[str, str] | None], None]) -> None:
+        from tether import wire
+        from tether.control import MethodError
+
+        if not opts.policy_file:
+            raise MethodError(wire.CONFLICT, "this sandbox was started without --policy FILE: nothing to reload")
+        try:
+            new = _build_policy(opts)
+        except RunError as exc:
+            raise MethodError(wire.INVALID_CONFIG, f"{exc} (the current policy stays)") from None
+        port = sandbox.tcp_listeners[0].getsockname()[1]
+        ruleset = compile_ruleset(new.ordered_rules(), new.default, port, opts.allow_host, net,
+                                  not opts.dns_passthrough)
+        script = f"delete table inet {TABLE}\n{ruleset.script}"
+        if len(script) > MAX_RULESET_MESSAGE:
+            raise MethodError(wire.INVALID_CONFIG, f"the new ruleset is {len(script)} bytes; at most "
+                                                   f"{MAX_RULESET_MESSAGE} can be handed to the sandbox")
+
+        def applied(reply: dict, fds: list[int]) -> None:
+            close_fds(fds)
+            if not reply.get("ok"):
+                done(None, (wire.INTERNAL, f"the sandbox refused the new ruleset: {reply.get('reason')} "
+                                           "(the current policy stays)"))
+                return
+            current[0] = new
+            engine.set_policy(new, ruleset)
+            done({"default": new.default, "rules": len(new.ordered_rules()), "file": opts.policy_file}, None)
+
+        link.request({"nft": script}, applied)
+
+    return reload
+
+
+async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None, listener: socket.socket,
+                 control: SandboxControl, link: HolderLink) -> int:
+    import asyncio
+
+    from tether import __version__
+    from tether.control import ControlServer
 
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[int] = loop.create_future()
@@ -268,7 +393,7 @@ async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> i
             finished.set_result(exit_code(status))
 
     def on_control() -> None:
-        if not _read_holder_message(sandbox, tty_fd, failure):
+        if not _read_holder_message(sandbox, tty_fd, failure, link):
             loop.remove_reader(sandbox.control.fileno())
 
     for sig in FORWARDED_SIGNALS:
@@ -277,35 +402,41 @@ async def _serve(sandbox: Sandbox, engine: ProxyEngine, tty_fd: int | None) -> i
     loop.add_reader(sandbox.pidfd, on_holder_exit)
     loop.add_reader(sandbox.control.fileno(), on_control)
     engine.start()
+    server = ControlServer(listener, control.methods(), {os.getuid(), 0}, f"tether {__version__}")
+    server.start()
     try:
         code = await finished
         await engine.drain()
     finally:
+        server.close()
         engine.close()
         loop.remove_reader(sandbox.control.fileno())
         for sig in FORWARDED_SIGNALS:
             loop.remove_signal_handler(sig)
     sandbox.control.setblocking(False)  # an error the holder reported just before exiting
-    _read_holder_message(sandbox, tty_fd, failure)
+    _read_holder_message(sandbox, tty_fd, failure, link)
+    link.close()
     if failure:
         print(f"tether: {failure[0]}", file=sys.stderr)
         return EXIT_USAGE
     return code
 
 
-def _read_holder_message(sandbox: Sandbox, tty_fd: int | None, failure: list[str]) -> bool:
-    """Handle one message from the holder (an error, or CMD stopped by Ctrl-Z); False when there
-    is none to read any more (EOF, or nothing pending on a non-blocking socket)."""
+def _read_holder_message(sandbox: Sandbox, tty_fd: int | None, failure: list[str], link: HolderLink) -> bool:
+    """Handle one message from the holder (an error, CMD stopped by Ctrl-Z, or the answer to a
+    request, in order); False when there is none to read any more (EOF, or nothing pending on a
+    non-blocking socket)."""
     try:
         msg, fds = receive_message(sandbox.control)
     except (EOFError, OSError, ValueError):  # OSError includes BlockingIOError
         return False
-    for fd in fds:
-        os.close(fd)
+    if link.dispatch(msg, fds):
+        return True
     if "error" in msg:
         failure.append(msg["error"] + (f"\n  hint: {msg['hint']}" if msg.get("hint") else ""))
     elif "stopped" in msg:
         _stop_with_command(sandbox, tty_fd)
+    close_fds(fds)  # nobody asked for them
     return True
 
 

@@ -282,12 +282,18 @@ class TetherRunner:
             raise ValueError(f"user must be one of {MODES}, not {user!r}")
         return user
 
-    def argv(self, args: list[str], *, user: str | None = None) -> list[str]:
+    def argv(self, args: list[str], *, user: str | None = None, subcommand: str = "run") -> list[str]:
         argv = ["ip", "netns", "exec", self.world.host_ns]
         if self._user(user) == "rootless":
             pw = self.test_pw
             argv += ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--"]
-        return argv + [str(TETHER_BIN), "run", *[str(a) for a in args]]
+        return argv + [str(TETHER_BIN), *([subcommand] if subcommand else []), *[str(a) for a in args]]
+
+    def tool(self, args: list[str], *, user: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+        """``tether ARGS`` (ps, ctl, ...) as the same user and environment as ``run`` (so it
+        finds the same runtime directory)."""
+        return subprocess.run(self.argv(args, user=user, subcommand=""), capture_output=True, text=True,
+                              timeout=timeout, cwd=self.workdir, env=self.env(user=user))
 
     def command(self, args: list[str], *, user: str | None = None) -> list[str]:
         """``argv()`` prefixed so that the process first joins this test's cgroup (same pid: the
@@ -395,6 +401,7 @@ class Snapshot:
     nft_host: set = field(default_factory=set)
     mounts: set = field(default_factory=set)
     host_links: set = field(default_factory=set)  # {(ifname, kind)}
+    runtime_files: set = field(default_factory=set)  # control sockets and locks of running sandboxes
 
     @classmethod
     def take(cls, world: World) -> Snapshot:
@@ -410,7 +417,15 @@ class Snapshot:
             nft_host=nft_tables(world.host_ns),
             mounts=set(Path("/proc/self/mountinfo").read_text().splitlines()),
             host_links={(link["ifname"], link["kind"]) for link in world.host_links()},
+            runtime_files=runtime_files(),
         )
+
+
+def runtime_files() -> set[str]:
+    """Every file in the runtime directories tether uses (root's, the test user's)."""
+    test_uid = pwd.getpwnam(TEST_USER).pw_uid
+    dirs = [Path("/run/tether"), Path(f"/tmp/tether-{test_uid}"), Path(f"/run/user/{test_uid}/tether")]
+    return {str(p) for d in dirs if d.is_dir() for p in d.iterdir()}
 
 
 def _mount_point(line: str) -> str:
@@ -481,6 +496,8 @@ def _find_leaks(before: Snapshot, after: Snapshot, world: World, cgroup: Path | 
     for ifname, kind in sorted(after.host_links - before.host_links, key=str):
         found["links"].add(ifname)
         problems.append(f"link left in the host netns: {ifname} (kind {kind})")
+    for path in sorted(after.runtime_files - before.runtime_files):
+        problems.append(f"runtime file left behind (control socket or lock): {path}")
     for ifname, kind in sorted(after.host_links, key=str):
         if kind == "tun" and ifname not in found["links"]:
             found["links"].add(ifname)

@@ -44,7 +44,8 @@ def test_nothing_left_after_sigterm_to_tether(tether):
 
 
 def test_nothing_left_after_sigkill_to_tether(tether):
-    proc = tether.popen(["--", *READY_THEN_SLEEP])
+    name = f"killed-{tether.mode}"
+    proc = tether.popen(["--name", name, "--", *READY_THEN_SLEEP])
     proc.wait_for_line("ready", timeout=30)
     proc.send_signal(signal.SIGKILL)
     assert proc.popen.wait(timeout=10) == -signal.SIGKILL
@@ -52,6 +53,12 @@ def test_nothing_left_after_sigkill_to_tether(tether):
     # (pdeathsig / pid namespace), and with it CMD, the namespaces, the tun and the nft table.
     _assert_nothing_left(tether, timeout=5)
     proc.finish(timeout=10)
+    # The control socket and its lock file stay (files outlive processes), but the lock died
+    # with tether: ps ignores the name, and the next run of it cleans both up.
+    ps = tether.tool(["ps", "--json"])
+    assert ps.returncode == 0 and name not in ps.stdout, describe(ps)
+    r = tether(["--name", name, "--", "true"], timeout=30)
+    assert r.returncode == 0, describe(r)
 
 
 def test_nothing_left_after_cmd_not_found(tether):

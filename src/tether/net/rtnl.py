@@ -28,7 +28,7 @@ RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
 RTN_LOCAL, RT_SCOPE_HOST = 2, 254
 RTM_NEWRULE, FR_ACT_TO_TBL = 32, 1
-FRA_PRIORITY, FRA_FWMARK, FRA_TABLE = 6, 10, 15
+FRA_SRC, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE = 2, 6, 10, 15
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
@@ -91,11 +91,16 @@ def encode_route_add(seq: int, index: int, destination: ipaddress.IPv4Network | 
     return message(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
-def encode_rule_add(seq: int, family: int, fwmark: int, table: int, priority: int) -> bytes:
-    """``ip rule add fwmark MARK lookup TABLE priority PRIO``."""
-    body = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
-    body += attr(FRA_FWMARK, struct.pack("=I", fwmark)) + attr(FRA_TABLE, struct.pack("=I", table))
-    body += attr(FRA_PRIORITY, struct.pack("=I", priority))
+def encode_rule_add(seq: int, family: int, table: int, priority: int, *, fwmark: int | None = None,
+                    source: IPAddress | None = None) -> bytes:
+    """``ip rule add [fwmark MARK] [from ADDR] lookup TABLE priority PRIO``."""
+    src_len = 0 if source is None else source.max_prefixlen
+    body = _RTMSG.pack(family, 0, src_len, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
+    if fwmark is not None:
+        body += attr(FRA_FWMARK, struct.pack("=I", fwmark))
+    if source is not None:
+        body += attr(FRA_SRC, source.packed)
+    body += attr(FRA_TABLE, struct.pack("=I", table)) + attr(FRA_PRIORITY, struct.pack("=I", priority))
     return message(RTM_NEWRULE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
@@ -194,9 +199,12 @@ class Rtnl:
         self._request(lambda s: encode_route_add(s, index, destination, gateway, table, local),
                       f"add {'local ' if local else ''}route {destination} via {gateway} dev {name} table {table}")
 
-    def add_rule(self, family: int, fwmark: int, table: int, priority: int) -> None:
-        self._request(lambda s: encode_rule_add(s, family, fwmark, table, priority),
-                      f"add rule fwmark {fwmark} lookup {table}")
+    def add_rule(self, family: int, table: int, priority: int, *, fwmark: int | None = None,
+                 source: IPAddress | None = None) -> None:
+        what = " ".join(filter(None, (f"fwmark {fwmark}" if fwmark is not None else "",
+                                      f"from {source}" if source is not None else "")))
+        self._request(lambda s: encode_rule_add(s, family, table, priority, fwmark=fwmark, source=source),
+                      f"add rule {what} lookup {table}")
 
     def addresses(self) -> list[IPAddress]:
         """Every address configured in this network namespace."""

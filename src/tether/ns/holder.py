@@ -11,7 +11,8 @@ execs).  It:
    ``resolv.conf`` over ``/etc/resolv.conf`` — all in the sandbox's mount namespace only;
 2. forks CMD: own process group, handed the terminal's foreground when tether had it (so
    Ctrl-C, Ctrl-\\ and window changes reach CMD, not tether), default signal dispositions, no
-   fds but 0, 1 and 2, then ``execvp``;
+   fds but 0, 1 and 2 - and its ``--listen`` sockets at 3, 4, ... with ``LISTEN_*`` set
+   (``tether.activation``) - then ``execvp``;
 3. loops: reaps every child (orphans of the sandbox are re-parented to pid 1), forwards the
    signals tether relays to it (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) to CMD, and
    exits with CMD's status (128+N when CMD died of signal N) as soon as CMD is gone.  When pid 1
@@ -36,7 +37,7 @@ import signal
 import socket
 import sys
 
-from tether import _sys
+from tether import _sys, activation
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -77,8 +78,8 @@ def _setup_mounts(resolv_conf: str) -> None:
         _bind_text_file(resolv_conf, "/etc/resolv.conf")
 
 
-def _exec_command(argv: list[str], tty_fd: int | None) -> None:
-    """In the forked child: become CMD.  Never returns."""
+def _exec_command(argv: list[str], tty_fd: int | None, listen_fds: list[int], listen_names: list[str]) -> None:
+    """In the forked child: become CMD, with its --listen sockets at fds 3... .  Never returns."""
     try:
         os.setpgid(0, 0)
         if tty_fd is not None:
@@ -91,8 +92,9 @@ def _exec_command(argv: list[str], tty_fd: int | None) -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        _sys.close_fds_above(3)
-        os.execvp(argv[0], argv)
+        env = activation.hand_over(listen_fds, listen_names, os.environ)
+        _sys.close_fds_above(activation.FIRST_FD + len(listen_fds))
+        os.execvpe(argv[0], argv, env)
     except OSError as exc:
         code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
         what = "command not found" if code == 127 else exc.strerror
@@ -106,7 +108,7 @@ def run_holder(spec, control: socket.socket) -> int:
     """Main loop of pid 1; returns the sandbox's exit code."""
     # Inside the sandbox, hold nothing of the host but the control socket (not the audit log,
     # not fds tether inherited): a CMD with --root could ptrace the holder and use them.
-    _sys.close_fds_above(3, keep=control.fileno())
+    _sys.close_fds_above(3, keep=(control.fileno(), *spec.listen_fds))
     _setup_mounts(spec.resolv_conf)
 
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -121,7 +123,9 @@ def run_holder(spec, control: socket.socket) -> int:
     cmd = os.fork()
     if cmd == 0:
         control.close()
-        _exec_command(spec.argv, spec.tty_fd)
+        _exec_command(spec.argv, spec.tty_fd, spec.listen_fds, spec.listen_names)
+    for fd in spec.listen_fds:  # CMD has them; pid 1 keeps no copy
+        os.close(fd)
 
     while True:
         for signum in pending:
@@ -161,7 +165,7 @@ def run_holder(spec, control: socket.socket) -> int:
                 os.kill(cmd, signal.SIGKILL)
                 print("tether: engine exited; stopping the sandbox", file=sys.stderr)
                 return 137
-            _on_request(data, cmd, spec.tty_fd)
+            _on_request(data, cmd, spec.tty_fd, control)
 
 
 def _send(control: socket.socket, message: dict) -> None:
@@ -171,12 +175,48 @@ def _send(control: socket.socket, message: dict) -> None:
         pass
 
 
-def _on_request(data: bytes, cmd: int, tty_fd: int | None) -> None:
+def _make_inside_connection(control: socket.socket, want: dict) -> None:
+    try:
+        family = socket.AF_INET6 if want["family"] == 6 else socket.AF_INET
+        kind = socket.SOCK_DGRAM if want["kind"] == "udp" else socket.SOCK_STREAM
+        sock, bound = _sys.inside_connection(family, kind, (want["source"][0], int(want["source"][1])),
+                                             int(want["port"]))
+    except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
+        _send(control, {"reply": "inside", "ok": False, "reason": getattr(exc, "strerror", None) or str(exc)})
+        return
+    try:
+        _sys.send_fds(control, json.dumps({"reply": "inside", "ok": True, "bound": list(bound[:2])}).encode(),
+                      [sock.fileno()])
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _on_request(data: bytes, cmd: int, tty_fd: int | None, control: socket.socket) -> None:
     """Requests from tether.  ``continue``: tether was resumed after a Ctrl-Z; give CMD the
-    terminal back when tether is the foreground job again (``fg``, not ``bg``), then SIGCONT."""
+    terminal back when tether is the foreground job again (``fg``, not ``bg``), then SIGCONT.
+    ``nft``: a new capture ruleset (``tether ctl NAME policy reload``), applied as one
+    transaction in the sandbox's netns.  ``inside``: a socket in the sandbox's netns for a
+    published port's client (``_sys.inside_connection``), sent back with SCM_RIGHTS.  Both are
+    answered, in order, with ``{"reply": KIND, "ok": bool, ...}``."""
     try:
         request = json.loads(data)
     except ValueError:
+        return
+    if "nft" in request:
+        try:
+            nft = _sys.Nftables()
+            try:
+                nft.run(request["nft"])
+            finally:
+                nft.close()
+            _send(control, {"reply": "nft", "ok": True})
+        except OSError as exc:
+            _send(control, {"reply": "nft", "ok": False, "reason": exc.strerror or str(exc)})
+        return
+    if "inside" in request:
+        _make_inside_connection(control, request["inside"])
         return
     if request.get("continue"):
         if tty_fd is not None and request.get("foreground"):

@@ -61,6 +61,8 @@ class SandboxSpec:
     resolv_conf: str = "nameserver 10.0.2.3\n"
     ipv4: bool = True
     ipv6: bool = True
+    listen_fds: list[int] = field(default_factory=list)  # host listening sockets for CMD (--listen)
+    listen_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -187,17 +189,24 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
                                "allow access to /dev/net/tun: chmod 0666 /dev/net/tun "
                                "(the default on most distributions)") from None
         rtnl.link_up("tun0", mtu=net.mtu)
-        for enabled, address, gateway, family, anywhere in (
-                (spec.ipv4, net.address, net.gateway, socket.AF_INET, ipaddress.IPv4Network("0.0.0.0/0")),
-                (spec.ipv6, net.address6, net.gateway6, socket.AF_INET6, ipaddress.IPv6Network("::/0"))):
+        for enabled, address, gateway, family, anywhere, loopback in (
+                (spec.ipv4, net.address, net.gateway, socket.AF_INET, ipaddress.IPv4Network("0.0.0.0/0"),
+                 ipaddress.IPv4Address("127.0.0.1")),
+                (spec.ipv6, net.address6, net.gateway6, socket.AF_INET6, ipaddress.IPv6Network("::/0"),
+                 ipaddress.IPv6Address("::1"))):
             if not enabled:
                 continue
             rtnl.add_address("tun0", address)
             rtnl.add_route("tun0", anywhere, gateway)
             # UDP marked by the ruleset is delivered locally, where TPROXY hands it to our socket.
-            rtnl.add_rule(family, UDP_MARK, UDP_TABLE, priority=100)
+            rtnl.add_rule(family, UDP_TABLE, priority=100, fwmark=UDP_MARK)
+            # Published ports: the sandboxed server answers a client's address from the loopback
+            # address the engine's inside socket connected to; deliver that locally too, to the
+            # inside socket bound (IP_TRANSPARENT) to the client's address.
+            rtnl.add_rule(family, UDP_TABLE, priority=99, source=loopback)
             rtnl.add_route("lo", anywhere, table=UDP_TABLE, local=True)
     _allow_ping_sockets(full_id_range=real_root)
+    _allow_low_ports()
     fds = _capture_sockets(spec)
     try:
         nft = _sys.Nftables()
@@ -237,6 +246,16 @@ def _allow_ping_sockets(full_id_range: bool) -> None:
             f.write(f"{0 if full_id_range else gid} {last}")
     except OSError:
         pass  # best effort: ping with CAP_NET_RAW (setcap'd /usr/bin/ping) still works
+
+
+def _allow_low_ports() -> None:
+    """Let CMD bind any port in its own netns (a server on :80 behind ``-p 8080:80``), as
+    container runtimes do: the netns is the sandbox's alone, so a low port there guards nothing."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
+            f.write("0")
+    except OSError:
+        pass  # best effort: CMD then needs ports >= 1024 (or --root)
 
 
 def _capture_sockets(spec: SandboxSpec) -> list[tuple[str, socket.socket]]:

@@ -13,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tether.audit import Audit, format_endpoint
 from tether.engine.proxy.decide import Decider
 from tether.engine.proxy.icmp import IcmpResponder
+from tether.engine.proxy.inbound import InboundProxy
 from tether.engine.proxy.tcp import CONNECT_TIMEOUT, TcpProxy
 from tether.engine.proxy.udp import DNS_IDLE_TIMEOUT, IDLE_TIMEOUT, UdpProxy
 from tether.names import NameMap
 from tether.net import nflog, packet
 from tether.net.nft import Ruleset, SandboxNet
+from tether.ns.link import HolderLink
 from tether.policy import Policy
 
 TUN_READS_PER_WAKEUP = 256
@@ -40,8 +43,9 @@ class DnsSettings:
 class ProxyEngine:
     def __init__(self, *, tcp_listeners: list[socket.socket], udp_sockets: list[socket.socket],
                  nflog_sock: socket.socket, tun: int, policy: Policy, ruleset: Ruleset, audit: Audit,
-                 allow_host_ports: frozenset[int], net: SandboxNet, dns: DnsSettings,
-                 connect_timeout: float = CONNECT_TIMEOUT, udp_timeout: float = IDLE_TIMEOUT) -> None:
+                 allow_host_ports: frozenset[int], net: SandboxNet, dns: DnsSettings, link: HolderLink,
+                 families: tuple[int, ...] = (4, 6), connect_timeout: float = CONNECT_TIMEOUT,
+                 udp_timeout: float = IDLE_TIMEOUT) -> None:
         self.audit = audit
         self.ruleset = ruleset
         self.nflog = nflog_sock
@@ -57,6 +61,9 @@ class ProxyEngine:
         self.tcp = TcpProxy(tcp_listeners, self.decider, audit, connect_timeout,
                             dns_handler=self._on_dns_connection, is_dns=self.udp.is_dns)
         self.icmp = IcmpResponder(self.write_tun, self.decider, audit)
+        addresses = {4: str(net.address.ip), 6: str(net.address6.ip)}
+        self.inbound = InboundProxy(link, audit, self.tcp.pool, {f: addresses[f] for f in families},
+                                    idle=udp_timeout)
         self.dropped_packets = 0
         self.malformed_log_messages = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -67,6 +74,7 @@ class ProxyEngine:
         self.tcp.start()
         self.udp.start()
         self.icmp.start()
+        self.inbound.start()
         self.nflog.setblocking(False)
         self._loop.add_reader(self.nflog.fileno(), self._on_nflog)
         os.set_blocking(self.tun, False)
@@ -83,11 +91,34 @@ class ProxyEngine:
             self._loop.remove_reader(self.tun)
         for task in list(self._dns_tasks):
             task.cancel()
+        self.inbound.close()
         self.tcp.close()
         self.udp.close()
         self.icmp.close()
         if self._dns_server is not None:
             self._dns_server.close()
+
+    def set_policy(self, policy: Policy, ruleset: Ruleset) -> None:
+        """A reloaded policy (its ruleset already in the sandbox's kernel): every decision from
+        now on - connections, flows, pings, DNS names - uses it; live connections stay."""
+        self.policy = policy
+        self.decider.policy = policy
+        self.ruleset = ruleset
+
+    # -- observation (the control socket) ---------------------------------------------------------
+
+    def connections(self) -> list[dict]:
+        """Every live TCP connection and UDP flow, oldest first."""
+        now = time.monotonic()
+        rows = (self.tcp.connections(now) + self.udp.connections(self.udp.clock())
+                + self.inbound.connections(self.inbound.clock()))
+        return sorted(rows, key=lambda row: -row["age_s"])
+
+    def totals(self) -> dict[str, int]:
+        """Counters for ``tether ps``: live connections, denials, bytes each way."""
+        ups, downs = zip(self.tcp.totals(), self.udp.totals(), self.inbound.totals())
+        return {"connections": self.tcp.live + len(self.udp.flows) + self.inbound.live,
+                "denied": self.audit.denied, "bytes_up": sum(ups), "bytes_down": sum(downs)}
 
     def write_tun(self, pkt: bytes) -> None:
         """Inject one complete IP packet into the sandbox (as if received from the world)."""
@@ -110,7 +141,7 @@ class ProxyEngine:
             from tether.engine.proxy.dns import DnsServer, DnsStub
 
             settings = self.dns_settings
-            stub = DnsStub(upstreams=settings.upstreams, decide=self.policy.evaluate_name,
+            stub = DnsStub(upstreams=settings.upstreams, decide=lambda name: self.policy.evaluate_name(name),
                            on_answer=self._on_dns_answer, deny_rcode=settings.deny_rcode)
             self._dns_server = DnsServer(stub, self._loop, on_event=self._on_dns_event)
         return self._dns_server

@@ -117,6 +117,28 @@ class TcpProxy:
             flow.pair.abort(ConnectionAbortedError("sandbox stopped"))
         self.pool.close()
 
+    def connections(self, now: float) -> list[dict]:
+        """Live connections (dialling or relaying), for ``tether ctl NAME connections``."""
+        rows = []
+        for flow in (*self._dialling, *self._relaying):
+            pair = flow.pair
+            rows.append({"proto": "tcp", "src": flow.src, "dst": flow.dst, "rule": flow.rule,
+                         "state": "relaying" if pair is not None else "dialling",
+                         "age_s": round(now - flow.started, 3),
+                         "bytes_up": pair.bytes_up if pair else 0, "bytes_down": pair.bytes_down if pair else 0,
+                         **_named(flow)})
+        return rows
+
+    @property
+    def live(self) -> int:
+        return len(self._dialling) + len(self._relaying)
+
+    def totals(self) -> tuple[int, int]:
+        """Bytes up and down so far: finished connections plus what live ones have moved."""
+        live = [flow.pair for flow in self._relaying if flow.pair is not None]
+        return (self.stats.bytes_up + sum(p.bytes_up for p in live),
+                self.stats.bytes_down + sum(p.bytes_down for p in live))
+
     def _on_acceptable(self, listener: socket.socket) -> None:
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:

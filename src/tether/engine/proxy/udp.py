@@ -109,6 +109,7 @@ class UdpProxy:
         self.refused_for_limit = 0
         self._captured_at = [0] * len(sockets)  # monotonic ns of each capture socket's last wake-up
         self._destinations: dict[bytes, Endpoint] = {}
+        self.ended_bytes_up = self.ended_bytes_down = 0
         self.dropped = 0  # datagrams a host socket refused (e.g. EMSGSIZE): UDP may drop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -312,6 +313,20 @@ class UdpProxy:
         except ValueError:
             pass  # e.g. to a broadcast/multicast address: RFC 1122 forbids an ICMP error
 
+    # -- observation ------------------------------------------------------------------------
+
+    def connections(self, now: float) -> list[dict]:
+        """Live flows, for ``tether ctl NAME connections`` (``now`` on this proxy's clock)."""
+        return [{"proto": "udp", "src": format_endpoint(*f.src), "dst": format_endpoint(*f.dst), "rule": f.rule,
+                 "state": "open", "age_s": round(now - f.started, 3), "idle_s": round(now - f.last, 3),
+                 "bytes_up": f.bytes_up, "bytes_down": f.bytes_down, **({"name": f.name} if f.name else {})}
+                for f in self.flows.values()]
+
+    def totals(self) -> tuple[int, int]:
+        """Bytes up and down so far: ended flows plus live ones."""
+        return (self.ended_bytes_up + sum(f.bytes_up for f in self.flows.values()),
+                self.ended_bytes_down + sum(f.bytes_down for f in self.flows.values()))
+
     # -- expiry -----------------------------------------------------------------------------
 
     def _sweep(self) -> None:
@@ -327,6 +342,8 @@ class UdpProxy:
         if self._loop is not None:
             self._loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
+        self.ended_bytes_up += flow.bytes_up
+        self.ended_bytes_down += flow.bytes_down
         self.audit.emit("close", proto="udp", src=format_endpoint(*flow.src), dst=format_endpoint(*flow.dst),
                         rule=flow.rule, verdict="allow", bytes_up=flow.bytes_up, bytes_down=flow.bytes_down,
                         duration_ms=(self.clock() - flow.started) * 1000,
