@@ -17,7 +17,6 @@ must be written out.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import ipaddress
 import os
@@ -25,11 +24,11 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tether import hostsock
 from tether.errors import TetherError
 
 DEFAULT_ADDRESS = "127.0.0.1"
 FIRST_FD = 3  # SD_LISTEN_FDS_START
-BACKLOG = 4096
 ENV_KEYS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
 
@@ -83,29 +82,13 @@ def parse_listen(text: str) -> Listen:
 
 
 def open_listeners(listens: Sequence[Listen]) -> list[socket.socket]:
-    """Bound, listening sockets for ``listens`` (all or none: on a failure, those made are closed)."""
-    made: list[socket.socket] = []
-    try:
-        for listen in listens:
-            family = socket.AF_INET6 if ":" in listen.address else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            made.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind((listen.address, listen.port))
-            except OSError as exc:
-                hint = {errno.EADDRINUSE: "another process listens there; pick another port",
-                        errno.EACCES: "ports below 1024 need root (or net.ipv4.ip_unprivileged_port_start)",
-                        errno.EADDRNOTAVAIL: "that address is not one of this host's"}.get(exc.errno or 0)
-                raise ListenError(f"cannot listen on {listen}: {exc.strerror}", hint) from None
-            sock.listen(BACKLOG)
-    except BaseException:
-        for sock in made:
-            sock.close()
-        raise
-    return made
+    """Bound, listening sockets for ``listens`` (all or none).  CMD accepts with blocking calls
+    as it likes: the sockets it gets are blocking."""
+    made = hostsock.open_all(listens, lambda listen: hostsock.bind(listen.address, listen.port,
+                                                                   socket.SOCK_STREAM, f"listen on {listen}"))
+    for _, sock in made:
+        sock.setblocking(True)
+    return [sock for _, sock in made]
 
 
 def hand_over(fds: Sequence[int], names: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:

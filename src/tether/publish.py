@@ -8,18 +8,17 @@ brackets.  A spec expands to one ``Publish`` per port.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
 from typing import Literal
 
+from tether import hostsock
 from tether.errors import TetherError
 
 Proto = Literal["tcp", "udp"]
 DEFAULT_HOST_ADDRESS = "127.0.0.1"
 MAX_RANGE = 1024  # ports one spec may publish
-BACKLOG = 4096
 
 
 class PublishError(TetherError):
@@ -119,28 +118,7 @@ def parse_key(text: str) -> tuple[Proto, str | None, int]:
 
 
 def open_host_sockets(specs: list[Publish]) -> list[tuple[Publish, socket.socket]]:
-    """Host sockets for ``specs`` (listening for TCP), all or none; PublishError says which one
-    failed and why."""
-    made: list[tuple[Publish, socket.socket]] = []
-    try:
-        for spec in specs:
-            family = socket.AF_INET6 if ":" in spec.host_address else socket.AF_INET
-            kind = socket.SOCK_DGRAM if spec.proto == "udp" else socket.SOCK_STREAM
-            sock = socket.socket(family, kind)
-            made.append((spec, sock))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((spec.host_address, spec.host_port))
-            except OSError as exc:
-                hint = {errno.EADDRINUSE: "another process (or another -p) uses it; pick another host port",
-                        errno.EACCES: "ports below 1024 need root (or net.ipv4.ip_unprivileged_port_start)",
-                        errno.EADDRNOTAVAIL: "that address is not one of this host's"}.get(exc.errno or 0)
-                raise PublishError(f"cannot publish {spec}: {exc.strerror}", hint) from None
-            if kind == socket.SOCK_STREAM:
-                sock.listen(BACKLOG)
-            sock.setblocking(False)
-    except BaseException:
-        for _, sock in made:
-            sock.close()
-        raise
-    return made
+    """Host sockets for ``specs`` (listening for TCP), all or none."""
+    return hostsock.open_all(specs, lambda spec: hostsock.bind(
+        spec.host_address, spec.host_port, socket.SOCK_DGRAM if spec.proto == "udp" else socket.SOCK_STREAM,
+        f"publish {spec}"))

@@ -28,6 +28,7 @@ from tether.ns.holder import FORWARDED_SIGNALS, exit_code
 from tether.ns.link import HolderLink, close_fds
 from tether.ns.spawn import Sandbox, SandboxError, SandboxSpec, receive_message, send_message, spawn
 from tether.policy import Policy, build_policy, load_policy_file
+from tether.hostsock import HostSocketError
 from tether.publish import PublishError, open_host_sockets, parse_publish
 from tether.runtime import RuntimeDirError
 
@@ -200,11 +201,11 @@ def run(opts: RunOptions) -> int:
         served = activation.open_listeners(listens)
         try:
             published = open_host_sockets(publishes)
-        except PublishError:
+        except HostSocketError:
             for sock in served:
                 sock.close()
             raise
-    except (activation.ListenError, PublishError) as exc:
+    except HostSocketError as exc:
         audit.close()
         listener.close()
         claim.release()

@@ -41,6 +41,7 @@ from tether import wire
 from tether.audit import Audit
 from tether.control import STREAMING, Method, MethodError, Request
 from tether.policy import Policy, Rule
+from tether.hostsock import HostSocketError
 from tether.publish import PublishError, open_host_sockets, parse_key, parse_publish
 
 MAX_STOP_TIMEOUT = 3600.0
@@ -132,7 +133,7 @@ class SandboxControl:
             raise MethodError(wire.BAD_PARAMS, str(exc)) from None
         try:
             opened = open_host_sockets(publishes)
-        except PublishError as exc:
+        except HostSocketError as exc:
             raise MethodError(wire.CONFLICT, str(exc) + (f" ({exc.hint})" if exc.hint else "")) from None
         self.engine.inbound.add(opened)
         return {"added": [p.key for p, _ in opened]}

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from world import HOST_ADDR, SANDBOX_PYTHON, WORLD_VETH_ADDR, describe
+from world import HOST_ADDR, PEER_ECHO_CLIENT, SANDBOX_PYTHON, WORLD_VETH_ADDR, describe
 
 BIG = 16 << 20
 
@@ -44,31 +44,8 @@ for i in range(want):
 print(f"done {want}", flush=True)
 """
 
-# A client: connects, reads the peer line, sends BIG bytes while reading the echo, reports.
-CLIENT = r"""
-import hashlib, json, socket, sys, threading
-host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.create_connection((host, port), timeout=20)
-f = s.makefile("rb")
-peer_line = f.readline().decode().split()
-payload = bytes(range(256)) * (size // 256)
-def send():
-    s.sendall(payload); s.shutdown(socket.SHUT_WR)
-t = threading.Thread(target=send); t.start()
-h = hashlib.sha256(); got = 0
-while True:
-    chunk = f.read1(1 << 16)
-    if not chunk:
-        break
-    h.update(chunk); got += len(chunk)
-t.join()
-print(json.dumps({"peer": peer_line[1:], "me": list(s.getsockname()[:2]), "got": got,
-                  "intact": h.hexdigest() == hashlib.sha256(payload).hexdigest()}))
-"""
-
-
 def client_in(tether, where: str, host: str, port: int, size: int = BIG) -> dict:
-    argv = [SANDBOX_PYTHON, "-c", CLIENT, host, str(port), str(size)]
+    argv = [SANDBOX_PYTHON, "-c", PEER_ECHO_CLIENT, host, str(port), str(size)]
     r = (tether.world.in_host if where == "host" else tether.world.in_world)(argv, timeout=60)
     assert r.returncode == 0, describe(r)
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -100,7 +77,7 @@ def test_listen_port_in_use(tether):
     r = tether.run(["--listen", str(port), "--", "true"])
     assert r.returncode == 2, describe(r)
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr, r.stderr
-    assert "another process listens there" in r.stderr, r.stderr
+    assert "another process (or another -p/--listen) uses it" in r.stderr, r.stderr
     res = client_in(tether, "host", "127.0.0.1", port, size=256)
     assert res["intact"], "the first sandbox still serves"
     assert first.finish(timeout=30).returncode == 0

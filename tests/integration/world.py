@@ -1290,3 +1290,39 @@ def one_deny(events, dst, rule=None):
     assert ev["src"].startswith(SANDBOX_ADDR + ":"), ev
     assert not select_events(events, event="connect", dst=dst), f"a denied {dst} was also connected: {events}"
     return ev
+
+
+# Connects to a server that first sends "peer ADDR PORT\n" and then echoes: sends SIZE bytes while
+# reading the echo; prints {"peer", "me", "got", "intact"} (or {"error": NAME} if it cannot).
+# argv: host port size.
+PEER_ECHO_CLIENT = r"""
+import hashlib, json, socket, sys, threading
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    s = socket.create_connection((host, port), timeout=20)
+    f = s.makefile("rb")
+    line = f.readline().decode().split()
+except OSError as e:
+    print(json.dumps({"error": type(e).__name__})); sys.exit(0)
+if not line:
+    print(json.dumps({"error": "closed"})); sys.exit(0)
+block = bytes(range(256)) * 4096
+def send():
+    left = size
+    while left:
+        n = min(left, len(block)); s.sendall(block[:n]); left -= n
+    s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send); t.start()
+h, want, got = hashlib.sha256(), hashlib.sha256(), 0
+left = size
+while left:
+    n = min(left, len(block)); want.update(block[:n]); left -= n
+while True:
+    chunk = f.read1(1 << 16)
+    if not chunk:
+        break
+    h.update(chunk); got += len(chunk)
+t.join()
+print(json.dumps({"peer": line[1:], "me": [s.getsockname()[0], str(s.getsockname()[1])], "got": got,
+                  "intact": h.digest() == want.digest()}))
+"""

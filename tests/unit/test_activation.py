@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from tether import activation
 from tether.activation import Listen, ListenError, open_listeners, parse_endpoint, parse_listen
+from tether.hostsock import HostSocketError
 
 
 @pytest.mark.parametrize("text, expect", [
@@ -59,15 +60,17 @@ def test_open_listeners_all_or_none():
     taken.listen()
     port = taken.getsockname()[1]
     try:
-        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use") as info:
+        with pytest.raises(HostSocketError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use") as info:
             open_listeners([Listen("127.0.0.1", 0), Listen("127.0.0.1", port)])
         assert "another process" in info.value.hint
-        with pytest.raises(ListenError, match="not one of this host's|Cannot assign"):
+        with pytest.raises(HostSocketError, match="Cannot assign") as info:
             open_listeners([Listen("192.0.2.123", 5555)])
+        assert info.value.hint == "that address is not one of this host's"
         made = open_listeners([Listen("127.0.0.1", 0), Listen("::1", 0)])
         try:
             assert [s.family for s in made] == [socket.AF_INET, socket.AF_INET6]
             assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for s in made)
+            assert all(s.getblocking() for s in made), "CMD gets blocking sockets, as from systemd"
             assert made[1].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
         finally:
             for s in made:
