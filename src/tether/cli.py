@@ -203,38 +203,41 @@ def ports_list(name: str, as_json: bool) -> None:
 
 @ports.command("add")
 @click.argument("spec", metavar="[HOSTADDR:]HOSTPORT:SANDBOXPORT[/tcp|/udp]")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def ports_add(name: str, spec: str) -> None:
+def ports_add(name: str, spec: str, as_json: bool) -> None:
     """Publish another port while NAME runs."""
     from tether import ctl as c
 
     try:
-        added = c.call(name, "ports.add", {"spec": spec})["added"]
+        result = c.call(name, "ports.add", {"spec": spec})
     except _ctl_errors() as exc:
         _fail(exc)
-    click.echo(f"tether: {name}: published {', '.join(added)}")
+    click.echo(c.dumps(result) if as_json else f"tether: {name}: published {', '.join(result['added'])}")
 
 
 @ports.command("rm")
 @click.argument("port", metavar="[HOSTADDR:]HOSTPORT[/tcp|/udp]")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def ports_rm(name: str, port: str) -> None:
+def ports_rm(name: str, port: str, as_json: bool) -> None:
     """Stop publishing a port (connections in progress stay)."""
     from tether import ctl as c
 
     try:
-        removed = c.call(name, "ports.rm", {"port": port})["removed"]
+        result = c.call(name, "ports.rm", {"port": port})
     except _ctl_errors() as exc:
         _fail(exc)
-    click.echo(f"tether: {name}: unpublished {', '.join(removed)}")
+    click.echo(c.dumps(result) if as_json else f"tether: {name}: unpublished {', '.join(result['removed'])}")
 
 
 @ctl.command()
 @click.option("--timeout", type=click.FloatRange(0, 3600), default=10.0, show_default=True, metavar="SECONDS",
               help="SIGKILL the sandbox if CMD has not exited this long after SIGTERM.")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def stop(name: str, timeout: float) -> None:
-    """Stop NAME gracefully: SIGTERM to CMD, SIGKILL after --timeout."""
+def stop(name: str, timeout: float, as_json: bool) -> None:
+    """Stop NAME gracefully: SIGTERM to CMD, SIGKILL after --timeout; returns once it is gone."""
     from tether import ctl as c
 
     try:
@@ -243,7 +246,7 @@ def stop(name: str, timeout: float) -> None:
         _fail(exc)
     if not gone:
         _fail(RuntimeError(f"sandbox {name!r} is still running {timeout + 5:g} s after the stop request"))
-    click.echo(f"tether: stopped {name}")
+    click.echo(c.dumps({"name": name, "stopped": True}) if as_json else f"tether: stopped {name}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ The server is a listening Unix stream socket on the event loop.  Each accepted c
    response's ``result`` and whose ``MethodError`` becomes an ``error`` frame.  A method that
    streams (``events --follow``) pushes ``event`` frames and ends with ``Request.finish``.
 
-A connection is one client's: whatever it sends (a malformed frame, a flood of fds, a burst of
-requests, then vanishing) ends that connection with an error frame where possible and closes
+A connection is one client's: whatever it sends (a malformed frame, a flood of fds, fds to a
+method that takes none, a burst of requests, then vanishing) ends that connection with an error frame where possible and closes
 every fd it sent; other connections and the sandbox never notice.  Limits: ``MAX_CONNECTIONS``
 at once (beyond: refused with ``busy``), ``MAX_OUTPUT`` bytes queued to one client (a subscriber
 that does not read is dropped, never allowed to grow the engine's memory).
@@ -97,8 +97,9 @@ Method = Callable[[Request], Any]
 
 class ControlServer:
     def __init__(self, listener: socket.socket, methods: dict[str, Method], allowed_uids: set[int],
-                 software: str) -> None:
+                 software: str, fd_methods: frozenset[str] = frozenset()) -> None:
         self.methods = methods
+        self.fd_methods = fd_methods  # the methods that take fds; anything else sent fds is a violation
         self.allowed_uids = allowed_uids
         self.software = software
         self.connections: set[_Connection] = set()
@@ -208,6 +209,10 @@ class _Connection:
             _close_fds(message.fds)
             raise wire.ProtocolError(wire.BAD_FIELD, f"a client sends requests, not {message.type}")
         assert message.id is not None and message.method is not None
+        if message.fds and message.method not in self.server.fd_methods:
+            _close_fds(message.fds)
+            raise wire.ProtocolError(wire.UNEXPECTED_FD, f"{message.method} takes no file descriptors; "
+                                                         f"{len(message.fds)} were sent (closed unread)")
         request = Request(message.id, message.method, dict(message.params or {}), list(message.fds),
                           self.peer_uid, self)
         method = self.server.methods.get(message.method)

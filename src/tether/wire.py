@@ -93,6 +93,7 @@ FD_COUNT: Final = "fd-count"
 TOO_MANY_FDS: Final = "too-many-fds"
 VERSION: Final = "version"
 BUSY: Final = "busy"
+UNEXPECTED_FD: Final = "unexpected-fd"
 # Sent by the control server in an ``error`` answering one request; the connection stays open.
 UNKNOWN_METHOD: Final = "unknown-method"
 BAD_PARAMS: Final = "bad-params"
@@ -125,6 +126,7 @@ ERRORS: Final[dict[str, ErrorCode]] = {
                               "arrived where no frame begins"),
     TOO_MANY_FDS: ErrorCode(True, "more fds arrived at once than the per-frame limit"),
     VERSION: ErrorCode(True, "the hello exchange found no protocol version both sides speak"),
+    UNEXPECTED_FD: ErrorCode(True, "a request carried fds its method does not take, or an fd of the wrong kind"),
     BUSY: ErrorCode(True, "the server has as many connections as it serves at once; retry later"),
     UNKNOWN_METHOD: ErrorCode(False, "the request's method does not exist (on this socket)"),
     BAD_PARAMS: ErrorCode(False, "the method exists but its params are missing, mistyped or invalid"),

@@ -247,8 +247,8 @@ def test_stop_kills_after_timeout(tether):
     proc = tether.popen(["--name", name, "--", SANDBOX_PYTHON, "-c", ignore])
     proc.wait_for_line("up")
     started = time.monotonic()
-    r = tether.tool(["ctl", name, "stop", "--timeout", "1"])
-    assert r.returncode == 0, describe(r)
+    r = tether.tool(["ctl", name, "stop", "--timeout", "1", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout) == {"name": name, "stopped": True}, describe(r)
     result = proc.finish(timeout=15)
     elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 8, f"SIGKILL about 1 s after the SIGTERM, took {elapsed:.1f} s"

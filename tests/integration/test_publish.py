@@ -168,6 +168,10 @@ def test_ports_add_rm_at_run_time(tether):
             held.kill()
             held.communicate()
     assert out.strip() == "echo abc", f"the connection made before rm still works: {out!r}"
+    r = tether.tool(["ctl", name, "ports", "rm", "18302", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout) == {"removed": ["127.0.0.1:18302"]}, describe(r)
+    r = tether.tool(["ctl", name, "ports", "add", "[::1]:18303:80", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout) == {"added": ["[::1]:18303"]}, describe(r)
     r = tether.tool(["ctl", name, "ports", "rm", "18301"])
     assert r.returncode == 1 and "is not published" in r.stderr and "not-found" in r.stderr, describe(r)
     r = tether.tool(["ctl", name, "ports", "add", "nonsense"])

@@ -265,3 +265,39 @@ def test_render_event_lines():
                              "verdict": "deny", "rule": "b", "name": "x.test", "reason": "why"})
     assert line == "T deny    udp  a:1 -> b:2 (x.test) deny by b: why"
     assert "?" in ctl.render_event({}), "missing fields never crash the renderer"
+
+
+def test_fds_to_a_method_that_takes_none_close_the_connection(tmp_path):
+    async def main():
+        server, path = serve(tmp_path, {"ping": lambda r: "pong"})
+        try:
+            r, w = os.pipe()
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.sendall(wire.encode(wire.hello("c")))
+            socket.send_fds(s, [wire.encode(wire.request(1, "ping"), 1)], [r])
+            os.close(r)
+            s.settimeout(5)
+            data = b""
+            while True:
+                chunk = await in_thread(s.recv, 65536)
+                if not chunk:
+                    break
+                data += chunk
+            assert b'"code":"unexpected-fd"' in data.replace(b" ", b""), data
+            # The server closed its copy of the pipe's read end: the write end now sees EPIPE.
+            for _ in range(100):
+                try:
+                    os.write(w, b"x")
+                except BrokenPipeError:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the fd sent to the server was not closed")
+            os.close(w)
+            s.close()
+            assert await in_thread(call, path, "ping") == "pong", "other clients unaffected"
+        finally:
+            server.close()
+
+    run(main())
