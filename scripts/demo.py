@@ -6,7 +6,10 @@
    (the sandbox sees it as 10.0.2.2:PORT);
 3. shows refusals: the host port without --allow-host, a private address, the host's loopback;
    all are refused inside the sandbox's own kernel, nothing leaves the machine;
-4. prints the audit log.
+4. prints the audit log;
+5. runs a sandboxed server published on the host with `-p`: a client on the host's loopback
+   talks to it, the server sees the client's real address; `tether ps` and
+   `tether ctl NAME connections` show it running, `tether ctl NAME stop` ends it.
 
 Run with `make demo` (as root it runs the sandbox as the unprivileged test user when that user
 exists, to show the rootless path; as a normal user it runs as you).
@@ -79,7 +82,61 @@ def main() -> int:
                 event = json.loads(line)
                 print(f"  {event['event']:7} {event['verdict']:5} {event['dst']:22} rule={event['rule']:<18}"
                       f" up={event['bytes_up']} down={event['bytes_down']}")
-        return result.returncode
+        if result.returncode != 0:
+            return result.returncode
+    return publish_act(tether, user)
+
+
+SERVER = r"""
+import socket
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", 80)); ls.listen()
+print("inside: web server listening on 127.0.0.1:80", flush=True)
+while True:
+    conn, peer = ls.accept()
+    conn.recv(1024)
+    conn.sendall(f"hello {peer[0]}:{peer[1]}, this is the sandbox\n".encode())
+    conn.recv(1024)  # stay connected until the client leaves, so ctl can list it
+    conn.close()
+"""
+
+
+def publish_act(tether: str, user: str | None) -> int:
+    """A sandboxed server behind -p, watched and stopped with tether ps / ctl."""
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a free host port for -p
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    name = f"demo-{os.getpid()}"
+    as_user = ["runuser", "-u", user, "--"] if user else []
+    command = as_user + [tether, "run", "--name", name, "-p", f"{port}:80", "--", "/usr/bin/python3", "-c", SERVER]
+    print()
+    print("host: $ " + " ".join(command[:-2]) + " server.py")
+    sandbox = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        print(sandbox.stdout.readline().rstrip())
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.sendall(b"hi")
+            print(f"host: client {client.getsockname()[0]}:{client.getsockname()[1]} -> 127.0.0.1:{port} got: "
+                  f"{client.recv(1024).decode().strip()!r}")
+            for args in (["ps"], ["ctl", name, "connections"]):
+                print("host: $ tether " + " ".join(args))
+                out = subprocess.run(as_user + [tether, *args], capture_output=True, text=True, timeout=30)
+                print("\n".join("  " + line for line in (out.stdout + out.stderr).rstrip().splitlines()))
+        time.sleep(0.2)
+        print(f"host: $ tether ctl {name} stop")
+        out = subprocess.run(as_user + [tether, "ctl", name, "stop", "--timeout", "2"], capture_output=True,
+                             text=True, timeout=30)
+        print("  " + (out.stdout + out.stderr).strip())
+        code = sandbox.wait(timeout=30)
+        print(f"host: tether exited with {code} (the server died of SIGTERM: 128+15)")
+        return 0 if code == 143 and out.returncode == 0 else 1
+    finally:
+        if sandbox.poll() is None:
+            sandbox.kill()
+            sandbox.wait()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
