@@ -301,3 +301,114 @@ def test_fds_to_a_method_that_takes_none_close_the_connection(tmp_path):
             server.close()
 
     run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# the sandbox's methods, on fakes (the real engine is covered by the integration tests)
+
+
+class FakeEngine:
+    class inbound:
+        @staticmethod
+        def listing():
+            return [{"key": "127.0.0.1:8080"}]
+
+        @staticmethod
+        def remove(proto, address, port):
+            return []
+
+    def totals(self):
+        return {"connections": 2, "denied": 1, "bytes_up": 10, "bytes_down": 20}
+
+    def connections(self):
+        return [{"proto": "tcp"}]
+
+
+class Pushed:
+    """A Request stand-in that records what a streaming method pushes."""
+
+    def __init__(self, params):
+        self.params, self.pushed, self.finished, self.closers = params, [], None, []
+
+    def push(self, event):
+        self.pushed.append(event)
+        return True
+
+    def finish(self, result=None):
+        self.finished = result
+
+    def on_close(self, callback):
+        self.closers.append(callback)
+
+
+def sandbox_control(stopped=None):
+    from datetime import UTC, datetime
+
+    from tether.audit import Audit
+    from tether.policy import build_policy
+    from tether.sandbox_control import SandboxControl, SandboxInfo
+
+    audit = Audit("box", sink=open(os.devnull, "w"))
+    policy = build_policy(None, ["203.0.113.10"], [], "deny", [])
+    info = SandboxInfo("box", 4242, ["sleep", "1"], None, 0.0, datetime.now(UTC))
+    return SandboxControl(info, FakeEngine(), audit, lambda: policy,
+                          stop=(stopped.append if stopped is not None else lambda t: None),
+                          reload=lambda done: None), audit
+
+
+def test_status_and_connections():
+    control, _ = sandbox_control()
+    status = control.status(FakeRequest({}))
+    assert status["name"] == "box" and status["pid"] == 4242 and status["engine"] == "proxy"
+    assert (status["connections"], status["denied"], status["bytes_up"], status["bytes_down"]) == (2, 1, 10, 20)
+    assert control.connections(FakeRequest({})) == {"connections": [{"proto": "tcp"}]}
+    assert control.ports_list(FakeRequest({})) == {"ports": [{"key": "127.0.0.1:8080"}]}
+
+
+def test_events_backlog_then_follow_then_unsubscribe():
+    control, audit = sandbox_control()
+    for i in range(5):
+        audit.emit("deny", proto="tcp", src="a:1", dst=f"b:{i}", rule="r", verdict="deny")
+    request = Pushed({"backlog": 2})
+    assert control.events(request) is STREAMING
+    assert [e["dst"] for e in request.pushed] == ["b:3", "b:4"] and request.finished == {"events": 2}
+    follower = Pushed({"backlog": 0, "follow": True})
+    control.events(follower)
+    audit.emit("connect", proto="tcp", src="a:1", dst="c:1", rule="r", verdict="allow")
+    assert [e["dst"] for e in follower.pushed] == ["c:1"] and follower.finished is None
+    follower.closers[0]()
+    audit.emit("connect", proto="tcp", src="a:1", dst="c:2", rule="r", verdict="allow")
+    assert len(follower.pushed) == 1, "unsubscribed when the client left"
+
+
+@pytest.mark.parametrize("method, params, match", [
+    ("events", {"backlog": -1}, "backlog must be >= 0"),
+    ("events", {"follow": 1}, "wrong type"),
+    ("stop", {"timeout": -1}, "timeout must be 0-3600"),
+    ("stop", {"timeout": 1e9}, "timeout must be 0-3600"),
+    ("stop", {"timeout": "soon"}, "wrong type"),
+    ("ports_add", {"spec": "nonsense"}, "bad -p"),
+    ("ports_add", {}, "bad -p"),
+    ("ports_rm", {"port": "x"}, "bad port"),
+    ("ports_rm", {"port": "9999"}, "not published"),
+], ids=["negative-backlog", "follow-int", "negative-timeout", "huge-timeout", "string-timeout", "bad-spec",
+        "no-spec", "bad-port", "unknown-port"])
+def test_bad_params(method, params, match):
+    control, _ = sandbox_control()
+    with pytest.raises(MethodError, match=match) as info:
+        getattr(control, method)(FakeRequest(params))
+    assert info.value.code in (wire.BAD_PARAMS, wire.NOT_FOUND)
+
+
+def test_stop_passes_the_timeout():
+    stopped = []
+    control, _ = sandbox_control(stopped)
+    assert control.stop(FakeRequest({"timeout": 3})) == {"stopping": True, "timeout": 3.0}
+    assert stopped == [3.0]
+
+
+def test_policy_show_lists_rules_in_order():
+    control, _ = sandbox_control()
+    shown = control.policy_show(FakeRequest({}))
+    assert shown["default"] == "deny" and shown["file"] is None
+    assert shown["rules"][0] == {"action": "allow", "rule": "203.0.113.10", "match": "any 203.0.113.10/32"}
