@@ -7,7 +7,7 @@ addresses, 300 concurrent flows (all answered; the world sees one sender per flo
 (``--udp-timeout``: a ``close`` event with the flow's bytes within a few seconds), denied
 destinations (ECONNREFUSED on a connected socket, fast, plus a ``deny`` event), bursts of mixed
 sizes both ways (exact and in order through the GSO paths, 3000 B ones falling back past the
-world link's MTU, nothing lost when the sender exits at once).
+world link's MTU, nothing lost when the sender exits at once), the cap of 4096 flows.
 """
 
 from __future__ import annotations
@@ -243,6 +243,51 @@ def test_burst_leaves_as_segmented_sends(tether, fresh_udp_sink, addr):
     (sender,) = stats["senders"].values()
     assert (sender["datagrams"], sender["bytes"]) == (len(BURST_SIZES), sum(BURST_SIZES)), (sender, describe(r))
     assert sends < len(BURST_SIZES) // 2, f"{sends} host sends for {len(BURST_SIZES)} datagrams: no GSO?"
+
+
+# --------------------------------------------------------------------------------------------
+# the flow cap
+
+# N connected sockets each send one datagram; after a pause, each socket reports whether it was
+# refused (ECONNREFUSED: an ICMP port unreachable came back).  argv: host port n.
+FLOW_CAP = r"""
+import json, resource, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 100), hard))
+socks = []
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.setblocking(False)
+    socks.append(s)
+for i, s in enumerate(socks):
+    s.send(b"cap-%05d" % i)
+time.sleep(1.5)
+refused = quiet = 0
+for s in socks:
+    try:
+        s.recv(100)
+    except ConnectionRefusedError:
+        refused += 1
+    except BlockingIOError:
+        quiet += 1
+print(json.dumps({"refused": refused, "quiet": quiet}))
+"""
+
+
+def test_flow_cap_refuses_beyond_4096(tether, fresh_udp_sink):
+    """4096 flows at once are relayed; the 4097th and later are refused (port unreachable, so a
+    connected socket sees ECONNREFUSED) with one ``error`` event naming the limit."""
+    world = fresh_udp_sink
+    extra = 20
+    log = tether.log_path()
+    res, r = tether.python_json(FLOW_CAP, world.world_addr, SINK, 4096 + extra, opts=["--log", log], timeout=120)
+    assert (res["refused"], res["quiet"]) == (extra, 4096), f"{res}\n{describe(r)}"
+    stats = world.udp_sink_stats(settle=1.0)
+    assert len(stats["senders"]) == 4096, len(stats["senders"])
+    errors = [e for e in events_of(tether, log) if e["event"] == "error" and "flow limit" in e.get("reason", "")]
+    assert len(errors) == 1 and errors[0]["reason"] == "flow limit 4096 reached (1 refused)", errors
 
 
 # --------------------------------------------------------------------------------------------
