@@ -297,3 +297,30 @@ def test_icmp_events_follow_the_audit_format(tether):
         except AssertionError:
             bad.append(f"{ev['event']} {ev['proto']}: src={ev['src']!r} dst={ev['dst']!r}")
     assert not bad, "ICMP events break the documented src/dst format addr:port: " + "; ".join(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# a host that refuses ICMP sockets
+
+
+@pytest.fixture
+def no_ping_sockets(world):
+    """The host netns's ping_group_range set to admit nobody, for one test."""
+    before = world.in_host(["cat", "/proc/sys/net/ipv4/ping_group_range"]).stdout.split()
+    world.sysctl(world.host_ns, "net.ipv4.ping_group_range", "1 0")
+    yield world
+    world.sysctl(world.host_ns, "net.ipv4.ping_group_range", " ".join(before))
+
+
+def test_host_refusing_icmp_sockets_is_said_once(tether, no_ping_sockets):
+    """Every echo is answered administratively prohibited (fast, not a timeout), and tether says
+    once on stderr why and how to allow it."""
+    target, other = "203.0.113.10", "203.0.113.11"
+    res, r = tether.python_json(RAW_PING, json.dumps({"pings": [[target, 56], [other, 56], [target, 56]]}),
+                                opts=["--root"])
+    for ping in res:
+        assert not ping["reply"] and ping["error"] is not None, res
+        assert (ping["error"]["type"], ping["error"]["code"]) == ADMIN_PROHIBITED[4], res
+        assert ping["elapsed_ms"] < 1000, res
+    assert r.stderr.count("the host refuses ICMP sockets") == 1, r.stderr
+    assert "sysctl -w net.ipv4.ping_group_range=" in r.stderr, r.stderr
