@@ -16,6 +16,11 @@ inside socket (bound to C:c, connected to the loopback's SANDBOXPORT).  Datagram
 a flow ends after ``idle`` seconds of silence.  Datagrams that arrive while a flow's inside
 socket is being made wait (at most ``PENDING_DATAGRAMS``).
 
+Limits keep a flood of clients from exhausting tether's fds: at most ``MAX_CONNECTING`` TCP
+clients wait for their inside connection (more are reset at once) and ``MAX_FLOWS`` UDP clients
+have flows (datagrams of further ones are dropped); each refusal counts, with an ``error`` event
+for the first and every thousandth.
+
 The sandboxed server must listen on the loopback (or on every address): that is where the
 connections arrive.  A client whose family the sandbox lacks (``--ipv4-only``/``--ipv6-only``)
 is refused; an IPv4 client of a dual-stack host socket (``[::]:PORT``) is unmapped first.
@@ -45,6 +50,8 @@ ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
 PENDING_DATAGRAMS = 64
 INSIDE_CONNECT_TIMEOUT = 10.0
+MAX_CONNECTING = 1024  # TCP clients waiting for their inside connection; beyond: reset at once
+MAX_FLOWS = 4096  # UDP clients at once; datagrams of further clients are dropped
 UDP_IDLE = 60.0
 MAX_DATAGRAM = 65535
 
@@ -99,6 +106,7 @@ class InboundProxy:
         self._tcp: set[_TcpConn] = set()
         self._udp: dict[tuple[Publish, tuple[str, int]], _UdpFlow] = {}
         self.ended_up = self.ended_down = 0  # bytes of finished connections and flows
+        self.refused = 0  # clients turned away by MAX_CONNECTING / MAX_FLOWS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -189,6 +197,13 @@ class InboundProxy:
         self.audit.emit(event, proto=proto, src=self._client(client), dst=self._sandbox_end(port, client),
                         rule=f"publish:{port.spec.key}", verdict="allow", direction="in", **fields)
 
+    def _refused(self, port: _Port, proto: str, client: tuple[str, int], reason: str) -> None:
+        """A client turned away by a limit: one ``error`` event per 1000 (a flood must not flood
+        the log too)."""
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:
+            self._emit("error", port, proto, client, reason=f"{reason} ({self.refused} refused)")
+
     def _request_inside(self, port: _Port, kind: str, client: tuple[str, int],
                         then: Callable[[socket.socket | None, str | None], None]) -> None:
         """Ask the holder for a socket inside the sandbox, bound to the client's address."""
@@ -219,6 +234,11 @@ class InboundProxy:
             except OSError:
                 return  # e.g. EMFILE; the client is refused by the kernel's backlog in time
             port.accepted += 1
+            if sum(1 for c in self._tcp if c.pair is None) >= MAX_CONNECTING:
+                _sys.set_reset_on_close(conn)
+                conn.close()
+                self._refused(port, "tcp", (peer[0], peer[1]), f"{MAX_CONNECTING} connections already waiting")
+                continue
             c = _TcpConn(port, (peer[0], peer[1]), conn, time.monotonic())
             self._tcp.add(c)
             self._request_inside(port, "tcp", c.client, lambda inside, error, c=c: self._on_inside(c, inside, error))
@@ -298,6 +318,9 @@ class InboundProxy:
             client = (peer[0], peer[1])
             flow = self._udp.get((port.spec, client))
             if flow is None:
+                if len(self._udp) >= MAX_FLOWS:
+                    self._refused(port, "udp", client, f"flow limit {MAX_FLOWS} reached")
+                    continue
                 now = self.clock()
                 flow = _UdpFlow(port, client, now, now)
                 self._udp[(port.spec, client)] = flow
