@@ -14,7 +14,10 @@ Builds a private test topology out of network namespaces (nothing here talks to 
 and measures, for every contender in the same run: iperf3 TCP throughput both directions,
 short-connection latency (connect + 1-byte echo + close), UDP 1-byte echo latency, iperf3 UDP
 at a fixed offered load (received rate and loss) both directions, DNS queries/s (through tether's
-stub, cached and uncached; the others direct to the server as context), and start-up time.  Writes
+stub, cached and uncached; the others direct to the server as context), inbound TCP (a client in
+the world, a server inside the sandbox reached through each tool's port forwarding: slirp4netns's
+API add_hostfwd, pasta -t, tether -p and --listen) throughput both ways and connect+echo latency,
+and start-up time.  Writes
 benchmarks/results/<UTC>.json, latest.json, latest.png and the table in docs/benchmarks.md.
 
 Must run as root (it creates namespaces).  Everything it creates is removed on exit, also on error
@@ -36,6 +39,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +70,12 @@ TARGET_STARTUP_MS = 150.0
 TARGET_UDP_LOSS_PCT = 1.0        # at the offered load (--udp-rate, 1 Gbit/s)
 TARGET_UDP_OFFERED_FRACTION = 0.9  # the sender must actually have offered >= 90 % of --udp-rate
 TARGET_DNS_CACHED_QPS = 5000.0
+# Inbound (issue 4): world -> a server inside the sandbox, world->sandbox throughput.
+TARGET_IN_PUBLISH_VS_VETH = 0.7    # tether -p
+TARGET_IN_PUBLISH_VS_SLIRP = 3.0   # tether -p vs slirp4netns (best MTU)
+TARGET_IN_LISTEN_VS_VETH = 0.95    # tether --listen
+INBOUND_PORT = 9100                 # the inbound server's port inside every sandbox
+INBOUND_HOST_PORT = 9200            # + row index: the forwarders' ports in the host netns
 
 # --- programs run in the world / inside sandboxes (system python, no dependencies) ------------
 
@@ -347,6 +357,138 @@ print(json.dumps({"ok": ok, "errors": bad, "rcodes": rcodes, "timeouts": timeout
                   "p50_us": pct(50), "p99_us": pct(99)}))
 """
 
+# The inbound server (in the sandbox) and its client (in the world), one program for every
+# contender.  The server binds 0.0.0.0:PORT itself, or, with LISTEN_FDS set (tether --listen,
+# systemd socket activation), accepts on fd 3.  It serves one connection at a time, chosen by the
+# first byte: "x" = 1-byte echo (the latency client's), "S" = sink (receive until EOF, reply with
+# the rate it measured), "R" = source (send until the client goes away).  The receiver measures:
+# bytes that arrived between OMIT and OMIT+DUR seconds after the start, over the time between the
+# first and the last recv of that window.  Blocking sockets with SO_RCVTIMEO/SO_SNDTIMEO of 10 s,
+# so no call waits for ever; every loop is bounded in time.
+INBOUND_PROG = r"""
+import json, os, socket, struct, sys, time
+mono = time.monotonic
+BUF = 1 << 20
+TV = struct.pack("ll", 10, 0)
+
+def bounded(s):
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, TV)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, TV)
+
+def receive(s, omit, dur, stop):
+    buf = bytearray(BUF)
+    rin = s.recv_into
+    t0 = mono()
+    a, b = t0 + omit, t0 + omit + dur
+    hard = b + 15
+    total, ta, ca, tb, cb, now = 0, None, 0, None, 0, t0
+    while True:
+        n = rin(buf)
+        if not n:
+            break
+        total += n
+        now = mono()
+        if ta is None:
+            if now >= a:
+                ta, ca = now, total
+        elif tb is None and now >= b:
+            tb, cb = now, total
+            if stop:
+                break
+        if now > hard:
+            break
+    if ta is None:
+        ta, ca = t0, 0
+    if tb is None:
+        tb, cb = now, total
+    secs = tb - ta
+    return {"gbps": (cb - ca) * 8 / secs / 1e9 if secs > 0 else 0.0, "bytes": cb - ca, "seconds": secs,
+            "total_bytes": total, "complete": tb - ta >= dur * 0.99}
+
+def send_for(s, secs):
+    data = memoryview(bytes(BUF))
+    snd = s.send
+    end = mono() + secs
+    sent = 0
+    while mono() < end:
+        sent += snd(data)
+    return sent
+
+def header(s):
+    h = b""
+    while not h.endswith(b"\n") and len(h) < 64:
+        c = s.recv(1)
+        if not c:
+            raise OSError("short header")
+        h += c
+    omit, dur = h.split()
+    return float(omit), float(dur)
+
+def serve(port, life):
+    if os.environ.get("LISTEN_FDS"):
+        if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ["LISTEN_FDS"]) < 1:
+            sys.exit("LISTEN_PID/LISTEN_FDS do not name this process: %r" % (
+                {k: v for k, v in os.environ.items() if k.startswith("LISTEN_")},))
+        ls, how = socket.socket(fileno=3), "fd3"
+    else:
+        ls, how = socket.socket(), "bound"
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("0.0.0.0", port))
+        ls.listen(1024)
+    ls.settimeout(1.0)
+    print("ready", how, ls.getsockname(), flush=True)
+    end = mono() + life
+    while mono() < end:
+        try:
+            c, _ = ls.accept()
+        except socket.timeout:
+            continue
+        try:
+            c.setblocking(True)
+            bounded(c)
+            k = c.recv(1)
+            if k == b"x":
+                c.sendall(k)
+            elif k == b"S":
+                omit, dur = header(c)
+                r = receive(c, omit, dur, False)
+                c.sendall(json.dumps(r).encode() + b"\n")
+            elif k == b"R":
+                omit, dur = header(c)
+                send_for(c, omit + dur + 15)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+def client(ip, port, direction, omit, dur):
+    s = socket.create_connection((ip, port), timeout=10)
+    s.setblocking(True)
+    bounded(s)
+    if direction == "in":          # world -> sandbox: we send, the server receives and measures
+        s.sendall(b"S%r %r\n" % (omit, dur))
+        sent = send_for(s, omit + dur + 0.5)
+        s.shutdown(socket.SHUT_WR)
+        r = b""
+        while not r.endswith(b"\n"):
+            c = s.recv(4096)
+            if not c:
+                sys.exit("no result from the server (sent %d bytes)" % sent)
+            r += c
+        r = json.loads(r)
+        r["sender_bytes"] = sent
+    else:                          # sandbox -> world over the same inbound connection
+        s.sendall(b"R%r %r\n" % (omit, dur))
+        r = receive(s, omit, dur, True)
+    s.close()
+    print(json.dumps(r))
+
+if sys.argv[1] == "serve":
+    serve(int(sys.argv[2]), float(sys.argv[3]))
+else:
+    client(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), float(sys.argv[6]))
+"""
+
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -597,8 +739,13 @@ class Topology:
         if dead:
             raise BenchError("world server gone: " + ", ".join(dead))
 
-    def iperf_server(self) -> subprocess.Popen:
-        p = REAPER.popen(in_ns(self.world) + ["iperf3", "-s", "-1", "-B", WORLD_IP, "-p", str(IPERF_PORT)],
+    def world_wrap(self, argv: list[str], extra=()) -> list[str]:
+        """argv run in the world netns (the inbound clients)."""
+        return in_ns(self.world) + argv
+
+    def iperf_server(self, ns: str | None = None, ip: str = WORLD_IP) -> subprocess.Popen:
+        """A one-shot `iperf3 -s` bound to ip in netns ns (default: the world's server)."""
+        p = REAPER.popen(in_ns(ns or self.world) + ["iperf3", "-s", "-1", "-B", ip, "-p", str(IPERF_PORT)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
         end = time.monotonic() + 5
         while time.monotonic() < end:
@@ -630,11 +777,37 @@ class Contender:
     def check_alive(self) -> None:
         """Raise BenchError if a long-lived part of the sandbox has gone away."""
 
-    def wrap(self, argv: list[str]) -> list[str]:
+    def wrap(self, argv: list[str], extra=()) -> list[str]:
+        """argv run inside the sandbox; extra: more arguments for the sandboxing tool itself."""
         raise NotImplementedError
 
     def env(self):
         return self.user.env
+
+    # Inbound (issue 4): a server inside the sandbox reached from the world.  One inbound row per
+    # entry of inbound_modes: (mode, label suffix).  The server runs as
+    # wrap(server, inbound_args(mode, hp, gp)); inbound_open() runs once it listens; the world's
+    # client connects to inbound_target(hp, gp).
+    inbound_modes: tuple = (("", ""),)
+
+    def inbound_port(self, hp: int) -> int:
+        """The server's port inside the sandbox."""
+        return INBOUND_PORT
+
+    def inbound_args(self, mode: str, hp: int, gp: int) -> list[str]:
+        return []
+
+    def inbound_open(self, hp: int, gp: int) -> None:
+        pass
+
+    def inbound_close(self) -> None:
+        pass
+
+    def inbound_target(self, hp: int, gp: int) -> tuple[str, int]:
+        return HOST_IP, hp          # the forwarders listen in the host netns
+
+    def inbound_how(self, mode: str, hp: int, gp: int) -> str:
+        return " ".join(self.inbound_args(mode, hp, gp))
 
     def startup_once(self) -> float:
         """Wall time in seconds of one full start-up (sandbox up, `true` run, sandbox gone)."""
@@ -652,8 +825,14 @@ class Contender:
 class Veth(Contender):
     key, label = "veth", "veth (rootful, routed)"
 
-    def wrap(self, argv):
+    def wrap(self, argv, extra=()):
         return in_ns(self.topo.veth) + argv
+
+    def inbound_target(self, hp, gp):
+        return VETH_SBX, gp         # routed through the host netns, no forwarder
+
+    def inbound_how(self, mode, hp, gp):
+        return f"routed to {VETH_SBX}:{gp} (no forwarder)"
 
     def env(self):
         return RunAs("root").env
@@ -687,8 +866,9 @@ class Slirp(Contender):
         self.pid = None
         self.procs: list[subprocess.Popen] = []
 
-    def _start(self, life_s: float):
-        """unshare a user+net ns, attach slirp4netns to it, wait for --ready-fd.  Returns handles."""
+    def _start(self, life_s: float, api: str | None = None):
+        """unshare a user+net ns, attach slirp4netns to it, wait for --ready-fd.  Returns handles.
+        api: path of an API socket (--api-socket) to create, for port forwarding."""
         u = self.user
         ns = REAPER.popen(in_ns(self.topo.host) + u.prefix() + [
             "unshare", "--user", "--map-root-user", "--net", "--",
@@ -702,6 +882,7 @@ class Slirp(Contender):
             try:
                 sl = REAPER.popen(in_ns(self.topo.host) + u.prefix() + [
                     "slirp4netns", "--configure", f"--mtu={self.mtu}", "--disable-host-loopback",
+                    *([f"--api-socket={api}"] if api else []),
                     f"--ready-fd={rw}", f"--exit-fd={er}", str(pid), "tap0"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=u.env, cwd="/",
                     pass_fds=(rw, er))
@@ -721,10 +902,51 @@ class Slirp(Contender):
             raise
 
     def setup(self, life_s):
-        self.pid, self.exit_w, self.procs = self._start(life_s)
+        # The API socket lives in a directory of its own that only the tools' user may write.
+        self.api_dir = tempfile.mkdtemp(prefix=f"tether-bench-{self.key}-")
+        os.chown(self.api_dir, self.user.uid, self.user.gid)
+        self.api_path = os.path.join(self.api_dir, "api.sock")
+        self.fwd_ids: list[int] = []
+        self.pid, self.exit_w, self.procs = self._start(life_s, self.api_path)
         REAPER.fds.append(self.exit_w)
 
+    def api(self, execute: str, **arguments) -> dict:
+        """One request on slirp4netns's API socket (one JSON object per connection)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5.0)
+            s.connect(self.api_path)
+            s.sendall(json.dumps({"execute": execute, "arguments": arguments}).encode())
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while len(data) < 65536:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        j = json.loads(data or b"{}")
+        if "error" in j or "return" not in j:
+            raise BenchError(f"slirp4netns API {execute}: {j}")
+        return j["return"]
+
+    def inbound_open(self, hp, gp):
+        r = self.api("add_hostfwd", proto="tcp", host_addr="0.0.0.0", host_port=hp, guest_port=gp)
+        self.fwd_ids.append(r["id"])
+
+    def inbound_close(self):
+        while self.fwd_ids:
+            i = self.fwd_ids.pop()
+            try:
+                self.api("remove_hostfwd", id=i)
+            except ERRS as e:
+                log(f"{self.key}: remove_hostfwd {i}: {e}")
+
+    def inbound_how(self, mode, hp, gp):
+        return f"--api-socket: add_hostfwd tcp 0.0.0.0:{hp} -> guest :{gp}"
+
     def teardown(self):
+        if getattr(self, "api_dir", None):
+            shutil.rmtree(self.api_dir, ignore_errors=True)
+            self.api_dir = None
         if getattr(self, "exit_w", -1) >= 0:
             os.close(self.exit_w)          # --exit-fd: tells slirp4netns to exit
             REAPER.fds.remove(self.exit_w)
@@ -739,7 +961,7 @@ class Slirp(Contender):
         if dead:
             raise BenchError("sandbox gone (killed from outside?): " + ", ".join(dead))
 
-    def wrap(self, argv):
+    def wrap(self, argv, extra=()):
         return ["nsenter", f"--target={self.pid}", "--net", "--"] + argv
 
     def describe(self):
@@ -770,9 +992,12 @@ class Slirp(Contender):
 class Pasta(Contender):
     key, label = "pasta", "pasta"
 
-    def wrap(self, argv):
-        extra = ["--runas", "0"] if self.user.root else []   # as root pasta would switch to nobody
-        return in_ns(self.topo.host) + self.user.prefix() + ["pasta", *extra, "--config-net", "--"] + argv
+    def wrap(self, argv, extra=()):
+        runas = ["--runas", "0"] if self.user.root else []   # as root pasta would switch to nobody
+        return in_ns(self.topo.host) + self.user.prefix() + ["pasta", *runas, "--config-net", *extra, "--"] + argv
+
+    def inbound_args(self, mode, hp, gp):
+        return ["-t", f"{hp}:{gp}"]
 
 
 class Tether(Contender):
@@ -797,9 +1022,14 @@ class Tether(Contender):
             else:
                 self.note = "this tether has no DNS stub (no --dns option)"
 
-    def wrap(self, argv):
+    def wrap(self, argv, extra=()):
         return (in_ns(self.topo.host) + self.user.prefix() + self.cmd
-                + ["run", *self.dns_args, *self.args.tether_arg, "--"] + argv)
+                + ["run", *self.dns_args, *self.args.tether_arg, *extra, "--"] + argv)
+
+    inbound_modes = (("p", " -p"), ("listen", " --listen"))
+
+    def inbound_args(self, mode, hp, gp):
+        return ["-p", f"0.0.0.0:{hp}:{gp}"] if mode == "p" else ["--listen", f"0.0.0.0:{hp}"]
 
 
 def find_tether(args) -> tuple[list[str] | None, str]:
@@ -827,14 +1057,19 @@ def pct(sorted_vals: list[float], p: float) -> float:
 
 def measure_iperf(c: Contender, reverse: bool, args) -> dict:
     c.check_alive()
-    srv = c.topo.iperf_server()
+    return iperf3_tcp(c.topo, c.wrap, c.env(), c.topo.world, WORLD_IP, reverse, args)
+
+
+def iperf3_tcp(topo: Topology, wrap, env, server_ns: str, server_ip: str, reverse: bool, args) -> dict:
+    """One iperf3 TCP run: `iperf3 -s` bound to server_ip in server_ns, the client run by wrap()."""
+    srv = topo.iperf_server(server_ns, server_ip)
     r = None
     try:
-        argv = ["iperf3", "-c", WORLD_IP, "-p", str(IPERF_PORT), "-t", str(args.duration),
+        argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(args.duration),
                 "-O", str(args.omit), "-J", "--connect-timeout", "5000"]
         if reverse:
             argv += ["-R", "--rcv-timeout", "15000"]
-        r = run(c.wrap(argv), timeout=args.duration + args.omit + 30, env=c.env())
+        r = run(wrap(argv), timeout=args.duration + args.omit + 30, env=env)
     finally:
         try:
             srv.wait(5 if r is not None and r.returncode == 0 else 0.2)
@@ -856,9 +1091,14 @@ def measure_iperf(c: Contender, reverse: bool, args) -> dict:
 
 def measure_latency(c: Contender, args) -> dict:
     c.check_alive()
+    return echo_latency(c.wrap, c.env(), WORLD_IP, ECHO_PORT, args)
+
+
+def echo_latency(wrap, env, ip: str, port: int, args) -> dict:
+    """LATENCY_CLIENT run by wrap(): connect + 1-byte echo + close to ip:port, sequentially."""
     limit = max(30.0, args.latency_count * 0.05)
-    r = run(c.wrap([SYS_PY, "-c", LATENCY_CLIENT, WORLD_IP, str(ECHO_PORT), str(args.latency_count),
-                    str(args.latency_warmup), str(limit)]), timeout=limit + 30, env=c.env())
+    r = run(wrap([SYS_PY, "-c", LATENCY_CLIENT, ip, str(port), str(args.latency_count),
+                  str(args.latency_warmup), str(limit)]), timeout=limit + 30, env=env)
     if r.returncode != 0:
         raise BenchError(f"latency client rc={r.returncode}: {r.stderr.strip()[-300:]}")
     ns = json.loads(r.stdout.strip().splitlines()[-1])
@@ -949,6 +1189,162 @@ def probe(c: Contender) -> None:
             timeout=60, env=c.env())
     if r.returncode != 0:
         raise BenchError(f"probe failed rc={r.returncode}: {(r.stderr or r.stdout).strip()[-400:]}")
+
+
+# --- inbound (issue 4): world -> a server inside the sandbox -----------------------------------------
+
+CLIENT_ENV = {"PATH": SAFE_PATH, "LANG": "C.UTF-8"}
+
+
+class InboundRow:
+    """One inbound contender: a sandbox (Contender) and how the world reaches a server inside it
+    (mode: "" for the contender's one way, "p"/"listen" for tether).  tool "py" runs INBOUND_PROG
+    as the server; "iperf3" (veth only, a calibration of INBOUND_PROG) runs a one-shot `iperf3 -s`
+    in the veth netns for every throughput run instead."""
+
+    def __init__(self, c: Contender, mode: str, suffix: str, hp: int, tool: str = "py") -> None:
+        self.c, self.mode, self.tool = c, mode, tool
+        self.key = c.key + (f"-{mode}" if mode else "") + ("-iperf3" if tool == "iperf3" else "")
+        self.label = c.label + suffix + (", iperf3 (calibration)" if tool == "iperf3" else "")
+        gp = IPERF_PORT if tool == "iperf3" else c.inbound_port(hp)
+        self.hp, self.gp = hp, gp
+        self.target = c.inbound_target(hp, gp)
+        self.how = ("iperf3 -s in the veth netns, iperf3 -c from the world" if tool == "iperf3"
+                    else c.inbound_how(mode, hp, gp))
+        self.server: subprocess.Popen | None = None
+        self.server_err = None
+        self.opened = False
+
+    def start(self, life_s: float) -> None:
+        """Start the server in the sandbox (with the forwarding), then prove the path with echoes."""
+        if self.tool != "py":
+            return
+        c = self.c
+        self.server_err = tempfile.TemporaryFile()
+        self.server = REAPER.popen(c.wrap([SYS_PY, "-c", INBOUND_PROG, "serve", str(self.gp), str(life_s)],
+                                          c.inbound_args(self.mode, self.hp, self.gp)),
+                                   stdout=subprocess.PIPE, stderr=self.server_err, env=c.env(), cwd="/")
+        try:
+            line = readline_timeout(self.server, 20)
+        except BenchError as e:
+            raise BenchError(f"{e}: {self.stderr_tail()}")
+        if not line.startswith("ready"):
+            raise BenchError(f"inbound server: {line!r}")
+        c.inbound_open(self.hp, self.gp)
+        self.opened = True
+        end = time.monotonic() + 15       # the forwarder may bind a moment after the server
+        while True:
+            r = run(self.c.topo.world_wrap([SYS_PY, "-c", LATENCY_CLIENT, *map(str, self.target), "3", "0", "10"]),
+                    timeout=30, env=CLIENT_ENV)
+            if r.returncode == 0:
+                return
+            if time.monotonic() > end:
+                raise BenchError(f"inbound probe to {self.target}: {(r.stderr or r.stdout).strip()[-300:]}; "
+                                 f"server: {self.stderr_tail()}")
+            time.sleep(0.2)
+
+    def stderr_tail(self) -> str:
+        if not self.server_err:
+            return ""
+        self.server_err.seek(0)
+        return oneline(self.server_err.read().decode(errors="replace") or "(no stderr)", 300)
+
+    def check_alive(self) -> None:
+        self.c.check_alive()
+        if self.server is not None and self.server.poll() is not None:
+            raise BenchError(f"inbound server exited (rc={self.server.returncode}): {self.stderr_tail()}")
+
+    def stop(self) -> None:
+        if self.opened:
+            self.c.inbound_close()
+            self.opened = False
+        if self.server is not None:
+            REAPER.stop(self.server)
+            self.server = None
+        if self.server_err:
+            self.server_err.close()
+            self.server_err = None
+
+
+class HostNetns(Veth):
+    """Inbound context only: the server in the host netns itself (no sandbox, no forwarder), the
+    path a --listen socket's connections take.  Its port is a host port of its own, not the
+    sandboxes' 9100: pasta's default -T auto mirrors the host netns's listening ports into its
+    namespace, and would take 9100 from pasta's own server."""
+    key, label = "host", "host netns, no sandbox (context)"
+
+    def wrap(self, argv, extra=()):
+        return in_ns(self.topo.host) + argv
+
+    def inbound_port(self, hp):
+        return hp
+
+    def inbound_target(self, hp, gp):
+        return HOST_IP, hp
+
+    def inbound_how(self, mode, hp, gp):
+        return f"server bound to 0.0.0.0:{gp} in the host netns"
+
+
+def inbound_rows(live: list[Contender], calibrate: bool) -> list[InboundRow]:
+    """One row per contender and inbound mode; with the veth contender also two references: iperf3
+    on the veth path (calibrates INBOUND_PROG) and the server in the host netns (the path
+    --listen's connections take, without tether)."""
+    rows = []
+    for c in live:
+        for mode, suffix in c.inbound_modes:
+            rows.append(InboundRow(c, mode, suffix, INBOUND_HOST_PORT + len(rows)))
+        if calibrate and isinstance(c, Veth):
+            rows.append(InboundRow(c, "", "", 0, tool="iperf3"))
+            rows.append(InboundRow(HostNetns(c.topo, c.user, c.args), "", "", INBOUND_HOST_PORT + len(rows)))
+    return rows
+
+
+def measure_inbound(row: InboundRow, direction: str, args) -> dict:
+    """One throughput run over an inbound connection: "in" = world -> sandbox (the server
+    receives), "out" = sandbox -> world on the same kind of connection."""
+    row.check_alive()
+    topo = row.c.topo
+    if row.tool == "iperf3":
+        return iperf3_tcp(topo, topo.world_wrap, CLIENT_ENV, topo.veth, VETH_SBX, direction == "out", args)
+    ip, port = row.target
+    r = run(topo.world_wrap([SYS_PY, "-c", INBOUND_PROG, "client", ip, str(port), direction,
+                             str(args.omit), str(args.duration)]),
+            timeout=args.duration + args.omit + 45, env=CLIENT_ENV)
+    if r.returncode != 0:
+        raise BenchError(f"inbound client rc={r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
+    j = json.loads(r.stdout.strip().splitlines()[-1])
+    if not j.get("complete"):
+        j["note"] = f"the stream ended before the {args.duration} s window did ({j['seconds']:.1f} s counted)"
+    return j
+
+
+def measure_inbound_latency(row: InboundRow, args) -> dict:
+    row.check_alive()
+    return echo_latency(row.c.topo.world_wrap, CLIENT_ENV, *row.target, args)
+
+
+def round_robin(items, dirs, repeats: int, fn, what: str, errors: dict, show=None) -> dict:
+    """fn(item, d) for every repeat, item and direction, in that order (so drift hits all alike);
+    returns {item.key: {d: [samples]}}; a failed run is logged and noted in errors[item.key]."""
+    show = show or (lambda s: f"{s['gbps']:.2f} Gbit/s")
+    samples = {it.key: {d: [] for d in dirs} for it in items}
+    for rep in range(repeats):
+        for it in items:
+            for d in dirs:
+                try:
+                    smp = fn(it, d)
+                    samples[it.key][d].append(smp)
+                    log(f"{it.key}: {what} {d} #{rep + 1}: {show(smp)}")
+                except ERRS as e:
+                    errors[it.key].append(f"{what} {d} #{rep + 1}: {e}")
+                    log(f"{it.key}: {what} {d} #{rep + 1} failed: {e}")
+    return samples
+
+
+def tput_summary(by_dir: dict) -> dict:
+    return {d: {"gbps_median": statistics.median([x["gbps"] for x in ss]) if ss else None,
+                "samples_gbps": [x["gbps"] for x in ss], "runs": ss} for d, ss in by_dir.items()}
 
 
 # --- machine info ----------------------------------------------------------------------------------
@@ -1200,6 +1596,10 @@ def summarize(res: dict) -> tuple[dict, list[dict]]:
     qu = (dn.get("stub_uncached") or {}).get("qps")
     ratios["dns_stub_cached_qps"], ratios["dns_stub_uncached_qps"] = qc, qu
 
+    ratios_in, targets_in = summarize_inbound(res, slirps, why, verdict)
+    ratios.update(ratios_in)
+    targets += targets_in
+
     ts = st("tether")
     for k in ("veth", *slirps, "pasta"):
         if ts and st(k):
@@ -1207,6 +1607,44 @@ def summarize(res: dict) -> tuple[dict, list[dict]]:
     targets.append({"id": "startup", "target": f"start-up (`tether run -- true`) ≤ {TARGET_STARTUP_MS:g} ms",
                     "measured": (f"{ts:.0f} ms (median)" if ts else why or "n/a"),
                     "verdict": verdict(None if ts is None else ts <= TARGET_STARTUP_MS)})
+    return ratios, targets
+
+
+def summarize_inbound(res: dict, slirps: list[str], why: str, verdict) -> tuple[dict, list[dict]]:
+    """Issue 4's targets: world->sandbox throughput of tether -p and --listen against the veth row
+    (the same server program) and slirp4netns's best MTU; inbound latency p50s as context."""
+    inb = res.get("inbound") or {}
+
+    def thr(k, d="in"):
+        return ((inb.get(k) or {}).get("throughput") or {}).get(d, {}).get("gbps_median")
+
+    ratios: dict = {}
+    for d in ("in", "out"):
+        for k in ("tether-p", "tether-listen"):
+            for ref in ("veth", *slirps):
+                if thr(k, d) and thr(ref, d):
+                    ratios[f"inbound_{d}_{k}_over_{ref}"] = thr(k, d) / thr(ref, d)
+    for k, row in inb.items():
+        if (row.get("latency") or {}).get("p50_us") is not None:
+            ratios[f"inbound_latency_p50_us_{k}"] = row["latency"]["p50_us"]
+    if "inbound" not in res.get("params", {}).get("measures", ["inbound"]):
+        return ratios, []
+    v = thr("veth")
+    best = max(((thr(k), k) for k in slirps if thr(k)), default=(None, None))
+    ratios["inbound_in_best_slirp4netns"] = best[1]
+    targets = []
+    for k, flag, ref, refname, src, goal in (
+            ("tether-p", "-p", v, "veth", "", TARGET_IN_PUBLISH_VS_VETH),
+            ("tether-p", "-p", best[0], "slirp4netns (best MTU)", f", {best[1]}", TARGET_IN_PUBLISH_VS_SLIRP),
+            ("tether-listen", "--listen", v, "veth", "", TARGET_IN_LISTEN_VS_VETH)):
+        t = thr(k)
+        r = t / ref if t and ref else None
+        note = (inb.get(k) or {}).get("note") or ""
+        targets.append({"id": f"inbound_{k}_vs_{refname.split()[0]}",
+                        "target": f"inbound TCP world→sandbox, tether {flag} ≥ {goal:g}× {refname}",
+                        "measured": (f"{r:.2f}× ({t:.2f} / {ref:.2f} Gbit/s{src})" if r
+                                     else why or oneline(note or "n/a")),
+                        "verdict": verdict(None if r is None else r >= goal)})
     return ratios, targets
 
 
@@ -1284,6 +1722,9 @@ def docs_block(res: dict, json_name: str) -> str:
                  "queries the world's server at " + DNS_IP + " with no stub in between, as context only "
                  "(slirp4netns and pasta have DNS forwarders, which relay to the host's resolv.conf and "
                  "so are not measured here).")
+    if res.get("inbound"):
+        lines.append("")
+        lines += inbound_table(res)
     busy = m.get("cpu_busy_before_pct")
     if busy is not None and busy > 10:
         lines.append("")
@@ -1322,6 +1763,29 @@ def docs_block(res: dict, json_name: str) -> str:
     return "\n".join(lines)
 
 
+def inbound_table(res: dict) -> list[str]:
+    p = res["params"]
+    lines = ["| inbound: world → server in the sandbox | forwarding | world→sandbox Gbit/s "
+             "| sandbox→world Gbit/s (same connection) | connect+echo p50 µs | p99 µs |",
+             "|---|---|---:|---:|---:|---:|"]
+    for k, r in res["inbound"].items():
+        if r["status"] != "ok":
+            lines.append(f"| {r['label']} | {r['how']} | {r['status']}: {oneline(r.get('note', ''), 160)} | | | |")
+            continue
+        t, la = r.get("throughput") or {}, r.get("latency") or {}
+        lat_na = "n/a" if r.get("tool") != "py" else "—"
+        lines.append(f"| {r['label']} | {r['how']} | {fmt((t.get('in') or {}).get('gbps_median'), '.2f')} "
+                     f"| {fmt((t.get('out') or {}).get('gbps_median'), '.2f')} "
+                     f"| {fmt(la.get('p50_us'), '.0f', lat_na)} | {fmt(la.get('p99_us'), '.0f', lat_na)} |")
+    lines.append("")
+    lines.append(f"Inbound: one TCP stream per run from the world netns to the host netns's address "
+                 f"({HOST_IP}; veth: routed to {VETH_SBX}), {p['duration']} s after {p['omit']} s of warm-up, "
+                 f"× {p['repeats']} per direction (median), the receiver's rate; the same Python server "
+                 f"(`INBOUND_PROG`) in every sandbox, and the same client; the iperf3 row calibrates it on veth. "
+                 f"Latency: {p['latency_count']} sequential connections from the world.")
+    return lines
+
+
 DOCS_TEMPLATE = """# Benchmarks
 
 `benchmarks/run.py` (run by `make bench`) compares tether with slirp4netns, pasta and the rootful veth
@@ -1355,13 +1819,15 @@ def plot(res: dict, path: Path) -> str | None:
     C = [(k, c) for k, c in res["contenders"].items() if c["status"] == "ok"]
     labels = [c["label"].replace(" (rootful, routed)", "\n(rootful)").replace(" MTU ", "\nMTU ") for _, c in C]
     x = list(range(len(C)))
-    fig, axs2 = plt.subplots(2, 3, figsize=(17, 10))
-    axs = list(axs2[0]) + list(axs2[1])
+    inb = [(k, r) for k, r in (res.get("inbound") or {}).items() if r.get("status") == "ok"]
+    fig, axs2 = plt.subplots(3 if inb else 2, 3, figsize=(17, 15 if inb else 10))
+    axs = [a for row in axs2 for a in row]
 
-    def bars(ax, series, names, unit, fmt_, texts=None):
+    def bars(ax, series, names, unit, fmt_, texts=None, xlabels=None):
+        xs0 = list(range(len(series[0])))
         w = 0.8 / len(series)
         for i, (vals, name) in enumerate(zip(series, names)):
-            xs = [xx + (i - (len(series) - 1) / 2) * w for xx in x]
+            xs = [xx + (i - (len(series) - 1) / 2) * w for xx in xs0]
             bs = ax.bar(xs, [v or 0 for v in vals], w, label=name)
             for j, (bar, v) in enumerate(zip(bs, vals)):
                 t = "n/a" if v is None else format(v, fmt_)
@@ -1369,8 +1835,8 @@ def plot(res: dict, path: Path) -> str | None:
                     t = texts[i][j] if v is None else t + "\n" + texts[i][j]
                 ax.annotate(t, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x)
-        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xticks(xs0)
+        ax.set_xticklabels(xlabels or labels, fontsize=8)
         ax.set_ylabel(unit)
 
     def g(c, *path):
@@ -1451,6 +1917,30 @@ def plot(res: dict, path: Path) -> str | None:
     ax.set_ylabel("answered queries/s (log)")
     ax.set_title(f"DNS over UDP, {p.get('dns_inflight')} queries in flight (higher is better)")
     ax.legend(fontsize=7, loc="upper right")
+    if inb:
+        ilabels = [r["label"].replace(" (rootful, routed)", "").replace(" MTU ", "\nMTU ")
+                   .replace(", iperf3 (calibration)", "\niperf3 (calib.)")
+                   .replace(", no sandbox (context)", "\n(context)") for _, r in inb]
+        ax = axs[6]
+        bars(ax, [[g(r, "throughput", "in", "gbps_median") for _, r in inb],
+                  [g(r, "throughput", "out", "gbps_median") for _, r in inb]],
+             ["world→sandbox (inbound)", "sandbox→world (same connection)"], "Gbit/s", ".2f", xlabels=ilabels)
+        ax.set_title("inbound TCP, world → server in the sandbox (higher is better)")
+        v = g(dict(inb).get("veth"), "throughput", "in", "gbps_median")
+        for goal, flag, col in ((TARGET_IN_PUBLISH_VS_VETH, "-p", "red"), (TARGET_IN_LISTEN_VS_VETH, "--listen", "purple")):
+            if v:
+                ax.axhline(v * goal, color=col, ls="--", lw=1, label=f"tether {flag} target {goal:g}× veth (inbound)")
+        ax.legend(fontsize=7)
+        for tk in ax.get_xticklabels():
+            tk.set_fontsize(7)
+        ax = axs[7]
+        bars(ax, [[g(r, "latency", "p50_us") for _, r in inb], [g(r, "latency", "p99_us") for _, r in inb]],
+             ["p50", "p99"], "µs", ".0f", xlabels=ilabels)
+        ax.set_title("inbound connect + 1-byte echo + close (context)")
+        ax.legend(fontsize=8)
+        for tk in ax.get_xticklabels():
+            tk.set_fontsize(7)
+        axs[8].axis("off")
     m = res["machine"]
     fig.suptitle(f"tether benchmark {res['timestamp']}{' (QUICK smoke run)' if res['quick'] else ''} — "
                  f"Linux {m['kernel']}, {m['cpu_count']} CPUs")
@@ -1463,7 +1953,7 @@ def plot(res: dict, path: Path) -> str | None:
 # --- main ----------------------------------------------------------------------------------------
 
 ALL = ["veth", "slirp4netns-1500", "slirp4netns-65520", "pasta", "tether"]
-MEASURES = ["tcp", "latency", "udp", "udp-latency", "dns", "startup"]
+MEASURES = ["tcp", "latency", "udp", "udp-latency", "dns", "inbound", "inbound-latency", "startup"]
 
 
 def parse_args(argv=None):
@@ -1471,8 +1961,8 @@ def parse_args(argv=None):
                                  epilog="Must run as root. Method and results: docs/benchmarks.md.")
     ap.add_argument("--quick", action="store_true",
                     help="short smoke run: --duration 2 --omit 0 --repeats 1 --latency-count 200 --startup-runs 5 "
-                         "(explicit flags still win)")
-    ap.add_argument("--duration", type=int, help="iperf3 seconds per run [10; quick 2]")
+                         "(also the inbound measures'; explicit flags still win)")
+    ap.add_argument("--duration", type=int, help="iperf3 (and inbound) seconds per run [10; quick 2]")
     ap.add_argument("--omit", type=int, help="iperf3 -O warm-up seconds not counted [1; quick 0]")
     ap.add_argument("--repeats", type=int, help="iperf3 runs per contender and direction, median reported [3; quick 1]")
     ap.add_argument("--latency-count", type=int, help="connections measured [1000; quick 200]")
@@ -1582,6 +2072,9 @@ def main(argv=None) -> int:
                      "veth_contender": f"{VETH_SBX}/25 routed through the host netns ({VETH_GW}), no NAT",
                      "iperf3_port": IPERF_PORT, "echo_port": ECHO_PORT, "udp_echo_port": UDP_ECHO_PORT,
                      "dns_server": f"{DNS_IP}:{DNS_PORT} (wildcard: every A -> {DNS_ANSWER_IP}, TTL {DNS_TTL})",
+                     "inbound": f"server in each sandbox on :{INBOUND_PORT}; forwarders listen on "
+                                f"0.0.0.0:{INBOUND_HOST_PORT}+row in the host netns; clients in the world "
+                                f"connect to {HOST_IP} (veth: routed to {VETH_SBX})",
                      "link_mtu": 1500},
         "contenders": {},
     }
@@ -1590,7 +2083,8 @@ def main(argv=None) -> int:
     n = len(args.selected)
     life = 600 + n * (2 * args.repeats * (args.duration + args.omit + 40) + args.latency_count * 0.05 + 120
                       + 2 * args.repeats * (args.udp_duration + 50) + args.udp_count * 0.05 + 150
-                      + 3 * (args.dns_duration + args.dns_warmup + 70) + args.startup_runs * 35)
+                      + 3 * (args.dns_duration + args.dns_warmup + 70) + args.startup_runs * 35
+                      + 2 * (2 * args.repeats * (args.duration + args.omit + 50) + args.latency_count * 0.05 + 90))
 
     bid = secrets.token_hex(3)
     topo = Topology(bid)
@@ -1636,40 +2130,19 @@ def main(argv=None) -> int:
         # Throughput: round-robin over contenders, `repeats` times, so drift hits all alike.
         if "tcp" in M:
             mon.phase = "tcp"
-            samples = {c.key: {"up": [], "down": []} for c in live}
-            for rep in range(args.repeats):
-                for c in live:
-                    for d in ("up", "down"):
-                        try:
-                            s = measure_iperf(c, d == "down", args)
-                            samples[c.key][d].append(s)
-                            log(f"{c.key}: iperf3 {d} #{rep + 1}: {s['gbps']:.2f} Gbit/s")
-                        except ERRS as e:
-                            out[c.key]["errors"].append(f"iperf3 {d} #{rep + 1}: {e}")
-                            log(f"{c.key}: iperf3 {d} #{rep + 1} failed: {e}")
+            samples = round_robin(live, ("up", "down"), args.repeats, lambda c, d: measure_iperf(c, d == "down", args),
+                                  "iperf3", {c.key: out[c.key]["errors"] for c in live})
             for c in live:
-                thr = {}
-                for d in ("up", "down"):
-                    ss = samples[c.key][d]
-                    thr[d] = {"gbps_median": statistics.median([s["gbps"] for s in ss]) if ss else None,
-                              "samples_gbps": [s["gbps"] for s in ss], "runs": ss}
-                out[c.key]["throughput"] = thr
+                out[c.key]["throughput"] = tput_summary(samples[c.key])
 
         # UDP throughput at a fixed offered load, round-robin likewise.
         if "udp" in M:
             mon.phase = "udp"
-            samples = {c.key: {"up": [], "down": []} for c in live}
-            for rep in range(args.repeats):
-                for c in live:
-                    for d in ("up", "down"):
-                        try:
-                            s = measure_udp_iperf(c, d == "down", args)
-                            samples[c.key][d].append(s)
-                            log(f"{c.key}: iperf3 -u {d} #{rep + 1}: {s['gbps']:.3f} Gbit/s received "
-                                f"(sent {s['sender_gbps']:.3f}), loss {fmt(s['lost_percent'], '.2f', '?')} %")
-                        except ERRS as e:
-                            out[c.key]["errors"].append(f"iperf3 -u {d} #{rep + 1}: {e}")
-                            log(f"{c.key}: iperf3 -u {d} #{rep + 1} failed: {e}")
+            samples = round_robin(live, ("up", "down"), args.repeats,
+                                  lambda c, d: measure_udp_iperf(c, d == "down", args), "iperf3 -u",
+                                  {c.key: out[c.key]["errors"] for c in live},
+                                  lambda s: (f"{s['gbps']:.3f} Gbit/s received (sent {s['sender_gbps']:.3f}), "
+                                             f"loss {fmt(s['lost_percent'], '.2f', '?')} %"))
             for c in live:
                 thr = {"offered": args.udp_rate, "len": args.udp_len}
                 for d in ("up", "down"):
@@ -1731,6 +2204,48 @@ def main(argv=None) -> int:
                     except ERRS as e:
                         out[c.key]["errors"].append(f"DNS {key}: {e}")
                         log(f"{c.key}: DNS {key} failed: {e}")
+
+        # Inbound (issue 4): a server inside each sandbox, clients in the world netns; every row's
+        # server runs for the whole phase (idle while another row is measured).
+        if M & {"inbound", "inbound-latency"}:
+            mon.phase = "inbound"
+            rows = inbound_rows(live, "inbound" in M)
+            inb = res["inbound"] = {}
+            for r in rows:
+                inb[r.key] = {"label": r.label, "contender": r.c.key, "mode": r.mode or None, "tool": r.tool,
+                              "how": r.how, "target": f"{r.target[0]}:{r.target[1]}", "status": "ok",
+                              "note": "", "errors": []}
+            try:
+                for r in rows:
+                    try:
+                        r.start(life)
+                        log(f"{r.key}: inbound server ready, world -> {r.target[0]}:{r.target[1]} ({r.how})")
+                    except ERRS as e:
+                        inb[r.key].update(status="error", note=str(e))
+                        log(f"{r.key}: inbound: {e}")
+                        r.stop()
+                ok = [r for r in rows if inb[r.key]["status"] == "ok"]
+                errs = {r.key: inb[r.key]["errors"] for r in ok}
+                if "inbound" in M:
+                    samples = round_robin(ok, ("in", "out"), args.repeats, lambda r, d: measure_inbound(r, d, args),
+                                          "inbound", errs)
+                    for r in ok:
+                        inb[r.key]["throughput"] = tput_summary(samples[r.key])
+                if "inbound-latency" in M:
+                    mon.phase = "inbound-latency"
+                    for r in ok:
+                        if r.tool != "py":
+                            continue
+                        try:
+                            inb[r.key]["latency"] = la = measure_inbound_latency(r, args)
+                            log(f"{r.key}: inbound connect+echo p50 {la['p50_us']:.0f} µs, "
+                                f"p99 {la['p99_us']:.0f} µs ({la['count']})")
+                        except ERRS as e:
+                            errs[r.key].append(f"inbound latency: {e}")
+                            log(f"{r.key}: inbound latency failed: {e}")
+            finally:
+                for r in rows:
+                    r.stop()
 
         # The long-lived sandboxes are no longer needed.
         for c in live:
