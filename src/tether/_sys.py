@@ -200,30 +200,26 @@ def transparent_udp_socket(family: int, address: str, port: int = 0) -> socket.s
     return sock
 
 
-def inside_connection(family: int, kind: int, source: tuple[str, int], port: int) -> tuple[socket.socket, tuple]:
-    """Inside the sandbox's netns: a socket bound to a *foreign* address (IP_TRANSPARENT: the
-    published port's real client) and connecting, non-blocking, to the loopback's ``port``.  If
-    the client's port is taken in here, any port of that address will do.  Returns the socket
-    and the address it got."""
-    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
+def connect_inside(sock: socket.socket, source: tuple[str, int], port: int) -> tuple:
+    """On a socket of the sandbox's netns (made there, used from anywhere: a socket keeps its
+    netns): bind to a *foreign* address (IP_TRANSPARENT: a published port's real client; the
+    caller needs CAP_NET_ADMIN over that netns, which its creator's user has) and connect,
+    non-blocking, to the loopback's ``port``.  If the client's port is taken in there, any port
+    of that address will do.  Returns the address bound."""
+    level, option = ((socket.IPPROTO_IPV6, IPV6_TRANSPARENT) if sock.family == socket.AF_INET6
+                     else (socket.SOL_IP, IP_TRANSPARENT))
+    sock.setsockopt(level, option, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        level, option = ((socket.IPPROTO_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6
-                         else (socket.SOL_IP, IP_TRANSPARENT))
-        sock.setsockopt(level, option, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(source)
-        except OSError:
-            sock.bind((source[0], 0))
-        bound = sock.getsockname()
-        try:
-            sock.connect(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
-        except BlockingIOError:
-            pass  # TCP: completes later (the caller waits for writability)
-    except BaseException:
-        sock.close()
-        raise
-    return sock, bound
+        sock.bind(source)
+    except OSError:
+        sock.bind((source[0], 0))
+    bound = sock.getsockname()
+    try:
+        sock.connect(("::1" if sock.family == socket.AF_INET6 else "127.0.0.1", port))
+    except BlockingIOError:
+        pass  # TCP: completes later (the caller waits for writability)
+    return bound
 
 
 ORIGDST_CMSG_SPACE = socket.CMSG_SPACE(28)

@@ -1,9 +1,11 @@
 """Unit tests for the engine's published ports (tether.engine.proxy.inbound), in one process.
 
-The holder is faked: ``FakeLink`` answers "inside" requests with a plain socket connected to a
-local server (no namespaces, no IP_TRANSPARENT), or never answers, or fails.  Checked: TCP relay
-both ways with connect/close events; UDP flows per client with replies; the holder failing
-(client reset, error event); the limits (waiting TCP clients, UDP flows) refusing with one event;
+The holder is faked: ``FakeLink`` answers "blank" requests with plain sockets (no namespaces),
+or never answers, or fails; ``_sys.connect_inside`` is replaced by a plain connect to the local
+test server (IP_TRANSPARENT needs privileges; the integration tests use the real one).  Checked:
+TCP relay both ways with connect/close events; the pool of blank sockets (stocked at start,
+refilled, shared by clients); UDP flows per client with replies; the holder failing (client
+reset, error event); the limits (waiting TCP clients, UDP flows) refusing with one event;
 ``remove`` stopping new clients while a live connection goes on; close() ending everything.
 """
 
@@ -22,26 +24,35 @@ from tether.publish import Publish, open_host_sockets
 
 
 class FakeLink:
-    """Plays the holder: makes the "inside" socket itself, connected to ``target``."""
+    """Plays the holder: answers "blank" requests with ``count`` plain sockets."""
 
-    def __init__(self, target: dict[str, tuple[str, int]] | None, answer: bool = True) -> None:
-        self.target, self.answer, self.requests = target, answer, []
+    def __init__(self, answer: bool = True, fail: bool = False) -> None:
+        self.answer, self.fail, self.requests = answer, fail, []
 
     def request(self, message, on_reply):
         self.requests.append(message)
         if not self.answer:
             return
-        want = message["inside"]
-        if self.target is None:
-            on_reply({"reply": "inside", "ok": False, "reason": "no such thing"}, [])
+        if self.fail:
+            on_reply({"reply": "blank", "ok": False, "reason": "no such thing"}, [])
             return
+        want = message["blank"]
         kind = socket.SOCK_DGRAM if want["kind"] == "udp" else socket.SOCK_STREAM
-        sock = socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK)
+        on_reply({"reply": "blank", "ok": True},
+                 [socket.socket(socket.AF_INET, kind | socket.SOCK_NONBLOCK).detach() for _ in range(want["count"])])
+
+
+@pytest.fixture(autouse=True)
+def plain_connect(monkeypatch):
+    """connect_inside without IP_TRANSPARENT: bind anywhere, connect to the loopback port."""
+    def connect(sock, source, port):
+        sock.bind(("127.0.0.1", 0))
         try:
-            sock.connect(self.target[want["kind"]])
+            sock.connect(("127.0.0.1", port))
         except BlockingIOError:
             pass
-        on_reply({"reply": "inside", "ok": True}, [sock.detach()])
+        return sock.getsockname()
+    monkeypatch.setattr(inbound._sys, "connect_inside", connect)
 
 
 class Events(list):
@@ -78,21 +89,23 @@ async def serve_echo(ls):
         conn.close()
 
 
-def published(proto="tcp"):
-    """A host socket on a free port, and the spec naming that port."""
-    (_, sock), = open_host_sockets([Publish(proto, "127.0.0.1", 0, 80)])
+def published(proto="tcp", sandbox_port=80):
+    """A host socket on a free port, and the spec naming that port (and ``sandbox_port``)."""
+    (_, sock), = open_host_sockets([Publish(proto, "127.0.0.1", 0, sandbox_port)])
     port = sock.getsockname()[1]
-    return Publish(proto, "127.0.0.1", port, 80), sock, port
+    return Publish(proto, "127.0.0.1", port, sandbox_port), sock, port
 
 
 def test_tcp_relay_and_events(tmp_path):
     async def main():
         ls = tcp_echo_server()
         server = asyncio.ensure_future(serve_echo(ls))
-        proxy, events = make(FakeLink({"tcp": ls.getsockname()}), tmp_path)
-        spec, sock, port = published()
+        proxy, events = make(FakeLink(), tmp_path)
+        spec, sock, port = published(sandbox_port=ls.getsockname()[1])
         proxy.add([(spec, sock)])
         proxy.start()
+        assert len(proxy.link.requests) == 1 and len(proxy._pools[(4, "tcp")]) == inbound.POOL_BATCH, \
+            "the pool is stocked when the port is published"
         try:
             def talk():
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
@@ -106,20 +119,22 @@ def test_tcp_relay_and_events(tmp_path):
             kinds = [e["event"] for e in events]
             assert kinds == ["connect", "close"], events
             close = events[1]
-            assert close["direction"] == "in" and close["dst"] == "10.0.2.100:80" and close["rule"].startswith("publish:")
+            assert close["direction"] == "in" and close["dst"] == f"10.0.2.100:{spec.sandbox_port}" and close["rule"].startswith("publish:")
             assert (close["bytes_up"], close["bytes_down"]) == (5, 5), close
             assert proxy.listing()[0]["accepted"] == 1
+            assert len(proxy._pools[(4, "tcp")]) == inbound.POOL_BATCH - 1, "one blank socket used, no refill yet"
         finally:
             proxy.close()
             server.cancel()
             ls.close()
+        assert not proxy._pools, "close() closes the pool"
 
     asyncio.run(main())
 
 
 def test_holder_failure_resets_the_client(tmp_path):
     async def main():
-        proxy, events = make(FakeLink(None), tmp_path)
+        proxy, events = make(FakeLink(fail=True), tmp_path)
         spec, sock, port = published()
         proxy.add([(spec, sock)])
         proxy.start()
@@ -142,7 +157,7 @@ def test_waiting_clients_are_capped(tmp_path, monkeypatch):
     monkeypatch.setattr(inbound, "MAX_CONNECTING", 3)
 
     async def main():
-        proxy, events = make(FakeLink({}, answer=False), tmp_path)  # the holder never answers
+        proxy, events = make(FakeLink(answer=False), tmp_path)  # the holder never answers
         spec, sock, port = published()
         proxy.add([(spec, sock)])
         proxy.start()
@@ -154,7 +169,8 @@ def test_waiting_clients_are_capped(tmp_path, monkeypatch):
                 except ConnectionResetError:
                     pass  # the 4th and 5th are reset by tether, possibly before connect() returns
                 await asyncio.sleep(0.02)
-            assert len(proxy.link.requests) == 3 and proxy.refused == 2
+            assert len(proxy.link.requests) == 1, "one refill asked, the clients wait for it"
+            assert proxy.refused == 2
             errors = [e for e in events if e["event"] == "error"]
             assert len(errors) == 1 and "3 connections already waiting (1 refused)" in errors[0]["reason"], events
             assert proxy.live == 3
@@ -180,8 +196,8 @@ def test_udp_flows_per_client_and_cap(tmp_path, monkeypatch):
             data, peer = echo.recvfrom(100)
             echo.sendto(b"re:" + data, peer)
         loop.add_reader(echo.fileno(), on_echo)
-        proxy, events = make(FakeLink({"udp": echo.getsockname()}), tmp_path)
-        spec, sock, port = published("udp")
+        proxy, events = make(FakeLink(), tmp_path)
+        spec, sock, port = published("udp", sandbox_port=echo.getsockname()[1])
         proxy.add([(spec, sock)])
         proxy.start()
         clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
@@ -216,8 +232,8 @@ def test_udp_flows_per_client_and_cap(tmp_path, monkeypatch):
 def test_remove_keeps_live_connections(tmp_path):
     async def main():
         ls = tcp_echo_server()
-        proxy, events = make(FakeLink({"tcp": ls.getsockname()}), tmp_path)
-        spec, sock, port = published()
+        proxy, events = make(FakeLink(), tmp_path)
+        spec, sock, port = published(sandbox_port=ls.getsockname()[1])
         proxy.add([(spec, sock)])
         proxy.start()
         try:

@@ -175,31 +175,34 @@ def _send(control: socket.socket, message: dict) -> None:
         pass
 
 
-def _make_inside_connection(control: socket.socket, want: dict) -> None:
+BLANK_SOCKETS_MAX = 8  # per request: what tether's receive_message takes in one message
+
+
+def _make_blank_sockets(control: socket.socket, want: dict) -> None:
+    """Sockets of this netns, not yet bound, for published ports' clients: tether binds and
+    connects them itself (a socket keeps the netns it was made in), so a connection costs no
+    round trip to pid 1."""
+    made: list[socket.socket] = []
     try:
         family = socket.AF_INET6 if want["family"] == 6 else socket.AF_INET
         kind = socket.SOCK_DGRAM if want["kind"] == "udp" else socket.SOCK_STREAM
-        sock, bound = _sys.inside_connection(family, kind, (want["source"][0], int(want["source"][1])),
-                                             int(want["port"]))
-    except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
-        _send(control, {"reply": "inside", "ok": False, "reason": getattr(exc, "strerror", None) or str(exc)})
-        return
-    try:
-        _sys.send_fds(control, json.dumps({"reply": "inside", "ok": True, "bound": list(bound[:2])}).encode(),
-                      [sock.fileno()])
-    except OSError:
-        pass
+        for _ in range(max(1, min(int(want["count"]), BLANK_SOCKETS_MAX))):
+            made.append(socket.socket(family, kind | socket.SOCK_NONBLOCK))
+        _sys.send_fds(control, json.dumps({"reply": "blank", "ok": True}).encode(), [s.fileno() for s in made])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        _send(control, {"reply": "blank", "ok": False, "reason": getattr(exc, "strerror", None) or str(exc)})
     finally:
-        sock.close()
+        for sock in made:
+            sock.close()
 
 
 def _on_request(data: bytes, cmd: int, tty_fd: int | None, control: socket.socket) -> None:
     """Requests from tether.  ``continue``: tether was resumed after a Ctrl-Z; give CMD the
     terminal back when tether is the foreground job again (``fg``, not ``bg``), then SIGCONT.
     ``nft``: a new capture ruleset (``tether ctl NAME policy reload``), applied as one
-    transaction in the sandbox's netns.  ``inside``: a socket in the sandbox's netns for a
-    published port's client (``_sys.inside_connection``), sent back with SCM_RIGHTS.  Both are
-    answered, in order, with ``{"reply": KIND, "ok": bool, ...}``."""
+    transaction in the sandbox's netns.  ``blank``: sockets of the sandbox's netns for published
+    ports' clients, sent back with SCM_RIGHTS.  Both are answered, in order, with
+    ``{"reply": KIND, "ok": bool, ...}``."""
     try:
         request = json.loads(data)
     except ValueError:
@@ -215,8 +218,8 @@ def _on_request(data: bytes, cmd: int, tty_fd: int | None, control: socket.socke
         except OSError as exc:
             _send(control, {"reply": "nft", "ok": False, "reason": exc.strerror or str(exc)})
         return
-    if "inside" in request:
-        _make_inside_connection(control, request["inside"])
+    if "blank" in request:
+        _make_blank_sockets(control, request["blank"])
         return
     if request.get("continue"):
         if tty_fd is not None and request.get("foreground"):

@@ -4,8 +4,12 @@ Theory of operation
 -------------------
 For a published TCP port the engine listens on the host (HOSTADDR:HOSTPORT, in the host netns).
 An accepted client C:c is joined to a connection made *inside* the sandbox's netns to the
-loopback's SANDBOXPORT, from a socket the holder creates bound (IP_TRANSPARENT) to C:c itself, so
-the sandboxed server's ``accept()`` returns the real client.  A policy route in the sandbox
+loopback's SANDBOXPORT, from a socket bound (IP_TRANSPARENT) to C:c itself, so the sandboxed
+server's ``accept()`` returns the real client.  Such a socket must be *made* in the sandbox's
+netns, which only the holder (pid 1) is in; but a socket keeps its netns wherever it is used, and
+tether's user holds every capability over the sandbox's namespaces.  So the holder makes blank
+sockets in batches (``POOL_BATCH``, refilled below ``POOL_LOW``, stocked as soon as a port is
+published) and tether binds and connects them itself: a connection costs no round trip to pid 1.  A policy route in the sandbox
 (``from 127.0.0.1`` / ``from ::1`` -> local delivery, see ``ns.spawn``) brings the server's
 answers back to that socket instead of out of the tun.  Once connected the two sockets are
 relayed with splice (``RelayPair``), like outgoing connections.  If C:c is taken inside (rare)
@@ -37,6 +41,7 @@ import ipaddress
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +57,8 @@ PENDING_DATAGRAMS = 64
 INSIDE_CONNECT_TIMEOUT = 10.0
 MAX_CONNECTING = 1024  # TCP clients waiting for their inside connection; beyond: reset at once
 MAX_FLOWS = 4096  # UDP clients at once; datagrams of further clients are dropped
+POOL_BATCH = 8  # blank inside sockets asked of the holder at a time
+POOL_LOW = 4  # refill below this many
 UDP_IDLE = 60.0
 MAX_DATAGRAM = 65535
 
@@ -107,6 +114,10 @@ class InboundProxy:
         self._udp: dict[tuple[Publish, tuple[str, int]], _UdpFlow] = {}
         self.ended_up = self.ended_down = 0  # bytes of finished connections and flows
         self.refused = 0  # clients turned away by MAX_CONNECTING / MAX_FLOWS
+        self._pools: dict[tuple[int, str], list[socket.socket]] = {}
+        self._waiting: dict[tuple[int, str], deque[Callable[[socket.socket | None, str | None], None]]] = {}
+        self._refilling: set[tuple[int, str]] = set()
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -116,6 +127,7 @@ class InboundProxy:
         self._loop = asyncio.get_running_loop()
         for port in self.ports.values():
             self._watch(port)
+        self._prefill({spec.proto for spec in self.ports})
         self._sweeper = self._loop.call_later(min(5.0, self.idle / 4), self._sweep)
 
     def add(self, opened: list[tuple[Publish, socket.socket]]) -> None:
@@ -124,6 +136,8 @@ class InboundProxy:
             self.ports[spec] = port
             if self._loop is not None:
                 self._watch(port)
+        if self._loop is not None:
+            self._prefill({spec.proto for spec, _ in opened})
 
     def remove(self, proto: str, address: str | None, host_port: int) -> list[Publish]:
         """Stop publishing what matches (``address`` None: any); live connections and flows stay."""
@@ -169,8 +183,13 @@ class InboundProxy:
                 self.ended_down + sum(p.bytes_down for p in pairs) + sum(f.bytes_in for f in self._udp.values()))
 
     def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for pool in self._pools.values():
+            for sock in pool:
+                sock.close()
+        self._pools.clear()
         for spec in list(self.ports):
             self.remove(spec.proto, spec.host_address, spec.host_port)
         for c in list(self._tcp):
@@ -206,22 +225,72 @@ class InboundProxy:
 
     def _request_inside(self, port: _Port, kind: str, client: tuple[str, int],
                         then: Callable[[socket.socket | None, str | None], None]) -> None:
-        """Ask the holder for a socket inside the sandbox, bound to the client's address."""
+        """A socket inside the sandbox, bound to the client's address and connecting to the
+        published sandbox port: a blank one from the pool, set up here."""
         address = _unmapped(client[0])
         family = 6 if ":" in address else 4
         if family not in self.sandbox_addresses:
             then(None, f"the sandbox has no IPv{family}")
             return
 
-        def on_reply(reply: dict, fds: list[int]) -> None:
-            if reply.get("ok") and len(fds) == 1:
-                then(socket.socket(fileno=fds[0]), None)
-            else:
-                close_fds(fds)
-                then(None, str(reply.get("reason") or "the sandbox could not make the connection"))
+        def connect(sock: socket.socket | None, error: str | None) -> None:
+            if sock is None:
+                then(None, error)
+                return
+            try:
+                _sys.connect_inside(sock, (address, client[1]), port.spec.sandbox_port)
+            except OSError as exc:
+                sock.close()
+                then(None, f"cannot connect inside: {exc.strerror or exc}")
+                return
+            then(sock, None)
 
-        self.link.request({"inside": {"family": family, "kind": kind, "source": [address, client[1]],
-                                      "port": port.spec.sandbox_port}}, on_reply)
+        self._blank((family, kind), connect)
+
+    def _blank(self, key: tuple[int, str], then: Callable[[socket.socket | None, str | None], None]) -> None:
+        """A blank socket of the sandbox's netns (family, kind): from the pool at once, or once
+        the holder has sent more.  The pool is refilled ahead of need (below ``POOL_LOW``)."""
+        pool = self._pools.setdefault(key, [])
+        if pool:
+            then(pool.pop(), None)
+        else:
+            self._waiting.setdefault(key, deque()).append(then)
+        if len(pool) < POOL_LOW:
+            self._refill(key)
+
+    def _refill(self, key: tuple[int, str]) -> None:
+        if key in self._refilling:
+            return
+        self._refilling.add(key)
+
+        def on_reply(reply: dict, fds: list[int]) -> None:
+            self._refilling.discard(key)
+            sockets = [socket.socket(fileno=fd) for fd in fds] if reply.get("ok") else []
+            if not reply.get("ok"):
+                close_fds(fds)
+            if self._closed:
+                for sock in sockets:
+                    sock.close()
+                return
+            pool, waiting = self._pools.setdefault(key, []), self._waiting.setdefault(key, deque())
+            pool.extend(sockets)
+            while waiting and pool:
+                waiting.popleft()(pool.pop(), None)
+            if not sockets:
+                reason = str(reply.get("reason") or "the sandbox could not make sockets")
+                while waiting:
+                    waiting.popleft()(None, reason)
+            elif waiting or len(pool) < POOL_LOW:
+                self._refill(key)
+
+        self.link.request({"blank": {"family": key[0], "kind": key[1], "count": POOL_BATCH}}, on_reply)
+
+    def _prefill(self, kinds: set[str]) -> None:
+        """Stock the pools for the published protocols, so the first client waits for nothing."""
+        for family in self.sandbox_addresses:
+            for kind in kinds:
+                if len(self._pools.get((family, kind), ())) < POOL_LOW:
+                    self._refill((family, kind))
 
     # -- TCP ----------------------------------------------------------------------------------
 
