@@ -121,14 +121,13 @@ def claim(directory: Path, name: str) -> Claim:
     check_name(name)
     lock_path = directory / (name + LOCK_SUFFIX)
     socket_path = directory / (name + SOCKET_SUFFIX)
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        raise RuntimeDirError(f"cannot open the lock file {lock_path}: {exc.strerror}") from None
     for attempt in range(CLAIM_ATTEMPTS):
         try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise RuntimeDirError(f"cannot open the lock file {lock_path}: {exc.strerror}") from None
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
         except BlockingIOError:
             # A live owner, or a ``tether ps`` probing the lock this very moment: retry briefly.
             if attempt == CLAIM_ATTEMPTS - 1:
@@ -137,7 +136,14 @@ def claim(directory: Path, name: str) -> Claim:
                 raise RuntimeDirError(f"a sandbox named {name!r} is already running"
                                       + (f" (tether pid {holder})" if holder else ""),
                                       f"choose another --name, or stop it: tether ctl {name} stop") from None
+            os.close(fd)
             time.sleep(0.005)
+            continue
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # the previous owner removed the file while we waited for it: take the new one
+    else:
+        raise RuntimeDirError(f"cannot take the lock file {lock_path}: it keeps being replaced")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
@@ -145,6 +151,16 @@ def claim(directory: Path, name: str) -> Claim:
     except FileNotFoundError:
         pass
     return Claim(name, fd, socket_path, lock_path)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Is ``fd`` still the file at ``path`` (not one unlinked by its releasing owner)?"""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _read_pid(fd: int) -> int | None:

@@ -159,3 +159,24 @@ def test_lock_file_that_is_a_symlink_is_refused(tmp_path):
     with pytest.raises(RuntimeDirError, match="cannot open the lock file"):
         runtime.claim(tmp_path, "box")
     assert not (tmp_path / "elsewhere").exists(), "nothing created through the link"
+
+
+def test_a_lock_file_replaced_while_waiting_is_not_trusted(tmp_path, monkeypatch):
+    """The releasing owner unlinks the lock file; a claimer that locked the old inode must not
+    believe it holds the name: it notices and takes the file now at the path."""
+    real_flock = runtime.fcntl.flock
+    swapped = []
+
+    def flock(fd, op):
+        real_flock(fd, op)
+        if not swapped:  # just after our first lock: the old owner's release replaces the file
+            swapped.append(True)
+            (tmp_path / "box.lock").unlink()
+            (tmp_path / "box.lock").write_text("")
+
+    monkeypatch.setattr(runtime.fcntl, "flock", flock)
+    claim = runtime.claim(tmp_path, "box")
+    try:
+        assert runtime._same_file(claim.lock_fd, claim.lock_path), "the claim holds the file at the path"
+    finally:
+        claim.release()
