@@ -455,7 +455,7 @@ def _netns_inode(path: str) -> int | None:
 def _find_leaks(before: Snapshot, after: Snapshot, world: World, cgroup: Path | None) -> tuple[list[str], dict]:
     """What the test left behind. ``found`` lists what is provably ours and may be removed."""
     problems: list[str] = []
-    found: dict = {"pids": set(), "nft_host": set(), "links": set()}
+    found: dict = {"pids": set(), "nft_host": set(), "links": set(), "runtime_files": set()}
     test_uid = pwd.getpwnam(TEST_USER).pw_uid
     our_netns = {_netns_inode(f"/run/netns/{ns}") for ns in (world.host_ns, world.world_ns)} - {None}
     server_pids = {srv.proc.pid for srv in world.servers}
@@ -497,6 +497,7 @@ def _find_leaks(before: Snapshot, after: Snapshot, world: World, cgroup: Path | 
         found["links"].add(ifname)
         problems.append(f"link left in the host netns: {ifname} (kind {kind})")
     for path in sorted(after.runtime_files - before.runtime_files):
+        found["runtime_files"].add(path)
         problems.append(f"runtime file left behind (control socket or lock): {path}")
     for ifname, kind in sorted(after.host_links, key=str):
         if kind == "tun" and ifname not in found["links"]:
@@ -507,7 +508,8 @@ def _find_leaks(before: Snapshot, after: Snapshot, world: World, cgroup: Path | 
 
 def _remove_leaks(found: dict, world: World, cgroup: Path | None) -> None:
     """Remove what is provably ours (the run cgroup, marked processes, the host netns's tables and
-    links); leaks elsewhere (root netns, mounts, named netns) are only reported."""
+    links, runtime files the test created); leaks elsewhere (root netns, mounts, named netns) are
+    only reported."""
     cgroup_kill(cgroup)
     for pid in found["pids"]:
         with contextlib.suppress(OSError):
@@ -516,6 +518,9 @@ def _remove_leaks(found: dict, world: World, cgroup: Path | None) -> None:
         world.in_host(["nft", "delete", "table", *t.split()])
     for ifname in found["links"]:
         sh(["ip", "-n", world.host_ns, "link", "del", ifname], check=False)
+    for path in found["runtime_files"]:  # created during the test: a killed run's socket and lock
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 @pytest.fixture(autouse=True)
