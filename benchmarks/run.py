@@ -1060,16 +1060,15 @@ def measure_iperf(c: Contender, reverse: bool, args) -> dict:
     return iperf3_tcp(c.topo, c.wrap, c.env(), c.topo.world, WORLD_IP, reverse, args)
 
 
-def iperf3_tcp(topo: Topology, wrap, env, server_ns: str, server_ip: str, reverse: bool, args) -> dict:
-    """One iperf3 TCP run: `iperf3 -s` bound to server_ip in server_ns, the client run by wrap()."""
+def run_iperf3(topo: Topology, wrap, env, server_ns: str, server_ip: str, options: list[str], timeout: float,
+               what: str) -> dict:
+    """One iperf3 client run by wrap() against `iperf3 -s` bound to server_ip in server_ns;
+    returns iperf3's JSON "end" section (BenchError with iperf3's words if it failed)."""
     srv = topo.iperf_server(server_ns, server_ip)
     r = None
     try:
-        argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(args.duration),
-                "-O", str(args.omit), "-J", "--connect-timeout", "5000"]
-        if reverse:
-            argv += ["-R", "--rcv-timeout", "15000"]
-        r = run(wrap(argv), timeout=args.duration + args.omit + 30, env=env)
+        argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), *options, "-J", "--connect-timeout", "5000"]
+        r = run(wrap(argv), timeout=timeout, env=env)
     finally:
         try:
             srv.wait(5 if r is not None and r.returncode == 0 else 0.2)
@@ -1079,10 +1078,16 @@ def iperf3_tcp(topo: Topology, wrap, env, server_ns: str, server_ip: str, revers
     try:
         j = json.loads(r.stdout)
     except json.JSONDecodeError:
-        raise BenchError(f"iperf3 rc={r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
+        raise BenchError(f"{what} rc={r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
     if "error" in j:
-        raise BenchError(f"iperf3: {j['error']}")
-    end = j["end"]
+        raise BenchError(f"{what}: {j['error']}")
+    return j["end"]
+
+
+def iperf3_tcp(topo: Topology, wrap, env, server_ns: str, server_ip: str, reverse: bool, args) -> dict:
+    """One iperf3 TCP run: `iperf3 -s` bound to server_ip in server_ns, the client run by wrap()."""
+    options = ["-t", str(args.duration), "-O", str(args.omit)] + (["-R", "--rcv-timeout", "15000"] if reverse else [])
+    end = run_iperf3(topo, wrap, env, server_ns, server_ip, options, args.duration + args.omit + 30, "iperf3")
     return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
             "sender_gbps": end["sum_sent"]["bits_per_second"] / 1e9,
             "retransmits": end["sum_sent"].get("retransmits"),
@@ -1117,29 +1122,12 @@ def measure_udp_iperf(c: Contender, reverse: bool, args) -> dict:
     """iperf3 UDP at a fixed offered load (--udp-rate, datagrams of --udp-len bytes); the
     receiver's view (rate, loss) is what counts."""
     c.check_alive()
-    srv = c.topo.iperf_server()
-    r = None
-    try:
-        argv = ["iperf3", "-c", WORLD_IP, "-p", str(IPERF_PORT), "-u", "-b", args.udp_rate,
-                "-l", str(args.udp_len), "-t", str(args.udp_duration), "-J", "--connect-timeout", "5000"]
-        if args.udp_window:
-            argv += ["-w", args.udp_window]
-        if reverse:
-            argv += ["-R", "--rcv-timeout", "15000"]
-        r = run(c.wrap(argv), timeout=args.udp_duration + 40, env=c.env())
-    finally:
-        try:
-            srv.wait(5 if r is not None and r.returncode == 0 else 0.2)
-        except subprocess.TimeoutExpired:
-            pass
-        REAPER.stop(srv)
-    try:
-        j = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        raise BenchError(f"iperf3 -u rc={r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
-    if "error" in j:
-        raise BenchError(f"iperf3 -u: {j['error']}")
-    end = j["end"]
+    options = ["-u", "-b", args.udp_rate, "-l", str(args.udp_len), "-t", str(args.udp_duration)]
+    if args.udp_window:
+        options += ["-w", args.udp_window]
+    if reverse:
+        options += ["-R", "--rcv-timeout", "15000"]
+    end = run_iperf3(c.topo, c.wrap, c.env(), c.topo.world, WORLD_IP, options, args.udp_duration + 40, "iperf3 -u")
     rx, tx = end.get("sum_received") or end["sum"], end.get("sum_sent") or end["sum"]
     return {"gbps": rx["bits_per_second"] / 1e9, "sender_gbps": tx["bits_per_second"] / 1e9,
             "lost_percent": rx.get("lost_percent"), "lost_packets": rx.get("lost_packets"),
@@ -1692,9 +1680,9 @@ def docs_block(res: dict, json_name: str) -> str:
                      f"| {fmt((t.get('down') or {}).get('gbps_median'), '.2f')} | {fmt(la.get('p50_us'), '.0f')} "
                      f"| {fmt(la.get('p99_us'), '.0f')} | {fmt(su.get('median_ms'), '.1f')} |")
     lines.append("")
-    lines.append(f"| contender | UDP echo p50 µs | p99 µs | UDP sandbox→world Gbit/s (loss) "
-                 f"| UDP world→sandbox Gbit/s (loss) | DNS stub cached q/s | DNS stub uncached q/s "
-                 f"| DNS direct to server q/s (context) |")
+    lines.append("| contender | UDP echo p50 µs | p99 µs | UDP sandbox→world Gbit/s (loss) "
+                 "| UDP world→sandbox Gbit/s (loss) | DNS stub cached q/s | DNS stub uncached q/s "
+                 "| DNS direct to server q/s (context) |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
 
     def udp_cell(u):

@@ -18,7 +18,6 @@ must be written out.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -52,25 +51,9 @@ class Listen:
 
 def parse_endpoint(text: str, default_address: str = DEFAULT_ADDRESS) -> tuple[str, int]:
     """``PORT``, ``ADDR:PORT`` or ``[V6ADDR]:PORT`` -> (address, port).  ValueError says what is wrong."""
-    text = text.strip()
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1:close + 2] != ":":
-            raise ValueError(f"{text!r}: an IPv6 address is written [ADDR]:PORT")
-        address, port_text = text[1:close], text[close + 2:]
-    elif ":" in text:
-        address, _, port_text = text.rpartition(":")
-        if ":" in address:
-            raise ValueError(f"{text!r}: an IPv6 address is written [ADDR]:PORT")
-    else:
-        address, port_text = default_address, text
-    try:
-        address = str(ipaddress.ip_address(address))
-    except ValueError:
-        raise ValueError(f"{text!r}: {address!r} is not an IP address") from None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: the port must be 1-65535")
-    return address, int(port_text)
+    address, port = hostsock.parse_endpoint(text, default_address)
+    assert address is not None
+    return address, port
 
 
 def parse_listen(text: str) -> Listen:

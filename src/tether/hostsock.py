@@ -1,4 +1,5 @@
-"""Sockets tether opens on the host for others to reach the sandbox (``-p``, ``--listen``).
+"""Sockets tether opens on the host for others to reach the sandbox (``-p``, ``--listen``), and
+the ``[ADDR:]PORT`` endpoints that name them.
 
 One place binds them, so both get the same options (SO_REUSEADDR; IPv6 sockets v6-only unless
 ``[::]`` is meant as dual-stack, which the caller asks for) and the same errors: the address and
@@ -8,6 +9,7 @@ port, the kernel's reason and a hint for the usual causes.  A batch is all or no
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -24,6 +26,32 @@ T = TypeVar("T")
 
 class HostSocketError(TetherError):
     """A host socket that cannot be opened; the message says which and why."""
+
+
+def parse_endpoint(text: str, default_address: str | None) -> tuple[str | None, int]:
+    """``PORT``, ``ADDR:PORT`` or ``[V6ADDR]:PORT`` -> (address or ``default_address``, port).
+    ValueError says what is wrong, quoting ``text``."""
+    text = text.strip()
+    address: str | None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1:close + 2] != ":":
+            raise ValueError(f"{text!r}: an IPv6 address is written [ADDR]:PORT")
+        address, port_text = text[1:close], text[close + 2:]
+    elif ":" in text:
+        address, _, port_text = text.rpartition(":")
+        if ":" in address:
+            raise ValueError(f"{text!r}: an IPv6 address is written [ADDR]:PORT")
+    else:
+        address, port_text = default_address, text
+    if address is not None:
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ValueError(f"{text!r}: {address!r} is not an IP address") from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be 1-65535")
+    return address, int(port_text)
 
 
 def bind(address: str, port: int, kind: int, what: str, v6only: bool = True) -> socket.socket:

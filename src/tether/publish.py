@@ -92,29 +92,16 @@ def parse_publish(spec: str) -> list[Publish]:
 
 def parse_key(text: str) -> tuple[Proto, str | None, int]:
     """``ports rm`` argument: ``[ADDR:]HOSTPORT[/tcp|/udp]`` -> (proto, address or None = any, port)."""
-    spec = text.strip()
-    proto: Proto = "tcp"
+    spec, proto = text.strip(), "tcp"
     if "/" in spec:
-        spec, _, suffix = spec.rpartition("/")
-        if suffix not in ("tcp", "udp"):
-            raise PublishError(f"bad port {text!r}: protocol {suffix!r} is not tcp or udp")
-        proto = suffix  # type: ignore[assignment]
-    address: str | None = None
-    if spec.startswith("["):
-        close = spec.find("]")
-        if close < 0 or spec[close + 1:close + 2] != ":":
-            raise PublishError(f"bad port {text!r}: an IPv6 address is written [ADDR]:PORT")
-        address, spec = spec[1:close], spec[close + 2:]
-    elif ":" in spec:
-        address, _, spec = spec.rpartition(":")
-    if address is not None:
-        try:
-            address = str(ipaddress.ip_address(address))
-        except ValueError:
-            raise PublishError(f"bad port {text!r}: {address!r} is not an IP address") from None
-    if not spec.isdigit() or not 1 <= int(spec) <= 65535:
-        raise PublishError(f"bad port {text!r}: {spec!r} is not a port (1-65535)")
-    return proto, address, int(spec)
+        spec, _, proto = spec.rpartition("/")
+        if proto not in ("tcp", "udp"):
+            raise PublishError(f"bad port {text!r}: protocol {proto!r} is not tcp or udp")
+    try:
+        address, port = hostsock.parse_endpoint(spec, None)
+    except ValueError as exc:
+        raise PublishError(f"bad port {exc}") from None
+    return proto, address, port  # type: ignore[return-value]
 
 
 def open_host_sockets(specs: list[Publish]) -> list[tuple[Publish, socket.socket]]:

@@ -11,7 +11,6 @@ privileged port rootless (exit 2, with the reason), bad syntax.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
