@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from collections.abc import Iterator
 
 NETLINK_ROUTE = 0
-RTM_NEWLINK, RTM_NEWADDR, RTM_GETADDR, RTM_NEWROUTE = 16, 20, 22, 24
+RTM_NEWLINK, RTM_NEWADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_DELROUTE = 16, 20, 22, 24, 25
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
 IFF_UP = 0x1
@@ -27,7 +27,7 @@ IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
 RTN_LOCAL, RT_SCOPE_HOST = 2, 254
-RTM_NEWRULE, FR_ACT_TO_TBL = 32, 1
+RTM_NEWRULE, RTM_DELRULE, FR_ACT_TO_TBL = 32, 33, 1
 FRA_SRC, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE = 2, 6, 10, 15
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -74,9 +74,11 @@ def encode_addr_add(seq: int, index: int, interface: ipaddress.IPv4Interface | i
 
 
 def encode_route_add(seq: int, index: int, destination: ipaddress.IPv4Network | ipaddress.IPv6Network,
-                     gateway: IPAddress | None, table: int = RT_TABLE_MAIN, local: bool = False) -> bytes:
+                     gateway: IPAddress | None, table: int = RT_TABLE_MAIN, local: bool = False,
+                     delete: bool = False) -> bytes:
     """A unicast route, or with ``local`` a ``local`` route (``ip route add local DST dev lo
-    table T``: deliver to this host, used to divert marked UDP to the TPROXY socket)."""
+    table T``: deliver to this host, used to divert marked UDP to the TPROXY socket).  With
+    ``delete``: the request that removes that route again."""
     family = socket.AF_INET if destination.version == 4 else socket.AF_INET6
     kind, scope = (RTN_LOCAL, RT_SCOPE_HOST) if local else (RTN_UNICAST, RT_SCOPE_UNIVERSE)
     body = _RTMSG.pack(family, destination.prefixlen, 0, 0, table if table < 256 else 0, RTPROT_STATIC,
@@ -88,12 +90,15 @@ def encode_route_add(seq: int, index: int, destination: ipaddress.IPv4Network | 
     if gateway is not None:
         body += attr(RTA_GATEWAY, gateway.packed)
     body += attr(RTA_OIF, struct.pack("=i", index))
+    if delete:
+        return message(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, seq, body)
     return message(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
 def encode_rule_add(seq: int, family: int, table: int, priority: int, *, fwmark: int | None = None,
-                    source: IPAddress | None = None) -> bytes:
-    """``ip rule add [fwmark MARK] [from ADDR] lookup TABLE priority PRIO``."""
+                    source: IPAddress | None = None, delete: bool = False) -> bytes:
+    """``ip rule add [fwmark MARK] [from ADDR] lookup TABLE priority PRIO`` (``delete``: ``ip rule del``
+    of the same rule)."""
     src_len = 0 if source is None else source.max_prefixlen
     body = _RTMSG.pack(family, 0, src_len, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
     if fwmark is not None:
@@ -101,6 +106,8 @@ def encode_rule_add(seq: int, family: int, table: int, priority: int, *, fwmark:
     if source is not None:
         body += attr(FRA_SRC, source.packed)
     body += attr(FRA_TABLE, struct.pack("=I", table)) + attr(FRA_PRIORITY, struct.pack("=I", priority))
+    if delete:
+        return message(RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK, seq, body)
     return message(RTM_NEWRULE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
@@ -194,17 +201,20 @@ class Rtnl:
         self._request(lambda s: encode_addr_add(s, index, interface), f"add address {interface} to {name}")
 
     def add_route(self, name: str, destination: ipaddress.IPv4Network | ipaddress.IPv6Network,
-                  gateway: IPAddress | None = None, table: int = RT_TABLE_MAIN, local: bool = False) -> None:
+                  gateway: IPAddress | None = None, table: int = RT_TABLE_MAIN, local: bool = False,
+                  delete: bool = False) -> None:
         index = socket.if_nametoindex(name)
-        self._request(lambda s: encode_route_add(s, index, destination, gateway, table, local),
-                      f"add {'local ' if local else ''}route {destination} via {gateway} dev {name} table {table}")
+        self._request(lambda s: encode_route_add(s, index, destination, gateway, table, local, delete),
+                      f"{'delete' if delete else 'add'} {'local ' if local else ''}route {destination} "
+                      f"via {gateway} dev {name} table {table}")
 
     def add_rule(self, family: int, table: int, priority: int, *, fwmark: int | None = None,
-                 source: IPAddress | None = None) -> None:
+                 source: IPAddress | None = None, delete: bool = False) -> None:
         what = " ".join(filter(None, (f"fwmark {fwmark}" if fwmark is not None else "",
                                       f"from {source}" if source is not None else "")))
-        self._request(lambda s: encode_rule_add(s, family, table, priority, fwmark=fwmark, source=source),
-                      f"add rule {what} lookup {table}")
+        self._request(lambda s: encode_rule_add(s, family, table, priority, fwmark=fwmark, source=source,
+                                                delete=delete),
+                      f"{'delete' if delete else 'add'} rule {what} lookup {table}")
 
     def addresses(self) -> list[IPAddress]:
         """Every address configured in this network namespace."""

@@ -28,7 +28,6 @@ tmpfs private to the sandbox's mount namespace.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import socket
@@ -39,12 +38,11 @@ from collections.abc import Callable
 
 from tether import _sys
 from tether.errors import TetherError
-from tether.net import nflog
-from tether.net.nft import NFLOG_GROUP, UDP_MARK, UDP_TABLE, SandboxNet
-from tether.net.rtnl import Rtnl
+from tether.net.nft import SandboxNet
+from tether.ns import netsetup
+from tether.ns.netsetup import NetPlan
 
 MAX_MESSAGE = 65536
-LOOPBACK_MTU = 65575
 
 
 class SandboxError(TetherError):
@@ -177,53 +175,17 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
     reply, _ = receive_message(control, maxfds=1)
     if not reply.get("ok"):
         raise SandboxError(reply.get("error", "uid/gid maps refused"))
-    net = spec.net
-    with Rtnl() as rtnl:
-        # The largest IPv6 packet without jumbograms: diverted UDP loops through lo, and a
-        # fragmented IPv6 datagram there would not reach the TPROXY socket (65527-byte payloads).
-        rtnl.link_up("lo", mtu=LOOPBACK_MTU)
-        try:
-            tun = _sys.open_tun("tun0", vnet_header=True)
-        except OSError as exc:
-            raise SandboxError(f"cannot create the sandbox's tun device: /dev/net/tun: {exc.strerror}",
-                               "allow access to /dev/net/tun: chmod 0666 /dev/net/tun "
-                               "(the default on most distributions)") from None
-        rtnl.link_up("tun0", mtu=net.mtu)
-        for enabled, address, gateway, family, anywhere, loopback in (
-                (spec.ipv4, net.address, net.gateway, socket.AF_INET, ipaddress.IPv4Network("0.0.0.0/0"),
-                 ipaddress.IPv4Address("127.0.0.1")),
-                (spec.ipv6, net.address6, net.gateway6, socket.AF_INET6, ipaddress.IPv6Network("::/0"),
-                 ipaddress.IPv6Address("::1"))):
-            if not enabled:
-                continue
-            rtnl.add_address("tun0", address)
-            rtnl.add_route("tun0", anywhere, gateway)
-            # UDP marked by the ruleset is delivered locally, where TPROXY hands it to our socket.
-            rtnl.add_rule(family, UDP_TABLE, priority=100, fwmark=UDP_MARK)
-            # Published ports: the sandboxed server answers a client's address from the loopback
-            # address the engine's inside socket connected to; deliver that locally too, to the
-            # inside socket bound (IP_TRANSPARENT) to the client's address.
-            rtnl.add_rule(family, UDP_TABLE, priority=99, source=loopback)
-            rtnl.add_route("lo", anywhere, table=UDP_TABLE, local=True)
+    try:
+        named = netsetup.configure(NetPlan.for_proxy(spec.net, spec.ipv4, spec.ipv6), spec.ruleset_for_port)
+    except netsetup.NetSetupError as exc:
+        raise SandboxError(str(exc), exc.hint) from None
     _allow_ping_sockets(full_id_range=real_root)
     _allow_low_ports()
-    fds = _capture_sockets(spec)
-    try:
-        nft = _sys.Nftables()
-    except OSError as exc:
-        raise SandboxError(f"cannot load libnftables: {exc}", "install nftables: apt-get install nftables") from None
-    try:
-        nft.run(spec.ruleset_for_port(fds[0][1].getsockname()[1]))
-    except OSError as exc:
-        raise SandboxError(f"cannot install the capture ruleset: {exc.strerror or exc}") from None
-    fds.append(("nflog", nflog.open_socket(NFLOG_GROUP)))
 
     holder = os.fork()
     if holder == 0:
         from tether.ns.holder import run_holder
-        for _, sock in fds:
-            sock.close()
-        os.close(tun)
+        netsetup.close_named(named)
         code = 1
         try:
             code = run_holder(spec, control)
@@ -231,8 +193,8 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
             _report_failure(control, exc)
         finally:
             os._exit(code)
-    send_message(control, {"holder_pid": holder, "fds": ["tun", *(name for name, _ in fds)]},
-                 [tun, *(sock.fileno() for _, sock in fds)])
+    send_message(control, {"holder_pid": holder, "fds": [name for name, _ in named]},
+                 [netsetup.fileno(item) for _, item in named])
 
 
 def _allow_ping_sockets(full_id_range: bool) -> None:
@@ -256,29 +218,6 @@ def _allow_low_ports() -> None:
             f.write("0")
     except OSError:
         pass  # best effort: CMD then needs ports >= 1024 (or --root)
-
-
-def _capture_sockets(spec: SandboxSpec) -> list[tuple[str, socket.socket]]:
-    """TCP listeners and TPROXY UDP sockets on the netns' loopback, all on one port (the first
-    listener's ephemeral port: the netns is new, so the others are free)."""
-    made: list[tuple[str, socket.socket]] = []
-    port = 0
-    try:
-        for enabled, family, loopback, suffix in ((spec.ipv4, socket.AF_INET, "127.0.0.1", "4"),
-                                                  (spec.ipv6, socket.AF_INET6, "::1", "6")):
-            if not enabled:
-                continue
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            made.append(("tcp" + suffix, listener))
-            listener.bind((loopback, port))
-            listener.listen(4096)
-            port = listener.getsockname()[1]
-            made.append(("udp" + suffix, _sys.transparent_udp_socket(family, loopback, port)))
-    except BaseException:
-        for _, sock in made:
-            sock.close()
-        raise
-    return made
 
 
 def _report_failure(control: socket.socket, exc: BaseException) -> None:
