@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import fcntl
 import os
 import resource
@@ -55,6 +56,27 @@ def unshare(flags: int) -> None:
 def setns(fd: int, nstype: int = 0) -> None:
     """setns(2): join the namespace ``fd`` refers to (single-threaded callers only for userns)."""
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
+
+
+def namespace_type(fd: int) -> int:
+    """The CLONE_NEW* type of the namespace ``fd`` refers to; OSError (ENOTTY, EINVAL) when
+    ``fd`` is no namespace at all (a regular file, a socket, ...)."""
+    return fcntl.ioctl(fd, NS_GET_NSTYPE)
+
+
+def namespace_inode(fd_or_path: int | str) -> int:
+    """The nsfs inode number: two namespaces are the same namespace exactly when these are equal.
+    A path under ``/proc/PID/ns/`` is read as its link text (``net:[4026531833]``), which needs no
+    ptrace access to PID (``stat()`` of pid 1's may be refused even to root)."""
+    if isinstance(fd_or_path, int):
+        return os.fstat(fd_or_path).st_ino
+    text = os.readlink(fd_or_path)
+    if not (text.endswith("]") and ":[" in text):
+        raise OSError(errno.EINVAL, f"{fd_or_path} is not a namespace link: {text!r}")
+    return int(text[text.index(":[") + 2:-1])
 
 
 def write_id_maps(uid_map: str, gid_map: str, pid: str = "self") -> None:
@@ -144,12 +166,14 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 
 
-def open_tun(name: str, vnet_header: bool = False) -> int:
+def open_tun(name: str, vnet_header: bool = False, packet_info: bool = False) -> int:
     """Create tun device ``name``; it lands in the netns where /dev/net/tun is *opened*.
     ``vnet_header``: every read and write carries a virtio-net header first, which lets a write
-    hand the kernel checksum and segmentation work (``tether.net.packet.UdpFramer``)."""
+    hand the kernel checksum and segmentation work (``tether.net.packet.UdpFramer``).
+    ``packet_info``: a 4-byte flags/protocol header before every packet (for programs that
+    expect it, like wireguard-go)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_header else 0)
+    flags = IFF_TUN | (0 if packet_info else IFF_NO_PI) | (IFF_VNET_HDR if vnet_header else 0)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
     except OSError:

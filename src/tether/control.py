@@ -96,11 +96,13 @@ Method = Callable[[Request], Any]
 
 
 class ControlServer:
-    def __init__(self, listener: socket.socket, methods: dict[str, Method], allowed_uids: set[int],
-                 software: str, fd_methods: frozenset[str] = frozenset()) -> None:
+    def __init__(self, listener: socket.socket, methods: dict[str, Method], allowed_uids: set[int] | None,
+                 software: str, fd_methods: frozenset[str] = frozenset(),
+                 max_connections: int | None = None) -> None:
         self.methods = methods
         self.fd_methods = fd_methods  # the methods that take fds; anything else sent fds is a violation
-        self.allowed_uids = allowed_uids
+        self.allowed_uids = allowed_uids  # None: whoever can reach the socket (its file mode decides)
+        self.max_connections = MAX_CONNECTIONS if max_connections is None else max_connections
         self.software = software
         self.connections: set[_Connection] = set()
         self.refused = 0
@@ -133,27 +135,31 @@ class ControlServer:
             except OSError:
                 return  # e.g. EMFILE: the client sees its connection closed
             sock.setblocking(False)
-            pid, uid, _gid = _sys.peer_credentials(sock)
-            conn = _Connection(self, sock, uid)
-            if uid not in self.allowed_uids:
+            pid, uid, gid = _sys.peer_credentials(sock)
+            conn = _Connection(self, sock, uid, pid, gid)
+            if self.allowed_uids is not None and uid not in self.allowed_uids:
                 self.refused += 1
                 conn.fail(wire.ProtocolError(wire.PERMISSION_DENIED,
                                              f"uid {uid} may not control this sandbox (its owner and root may)"))
                 continue
-            if len(self.connections) >= MAX_CONNECTIONS:
+            if len(self.connections) >= self.max_connections:
                 self.refused += 1
-                conn.fail(wire.ProtocolError(wire.BUSY, f"too many control connections (limit {MAX_CONNECTIONS})"))
+                conn.fail(wire.ProtocolError(wire.BUSY,
+                                             f"too many control connections (limit {self.max_connections})"))
                 continue
             self.connections.add(conn)
             conn.start()
 
 
 class _Connection:
-    def __init__(self, server: ControlServer, sock: socket.socket, peer_uid: int) -> None:
+    def __init__(self, server: ControlServer, sock: socket.socket, peer_uid: int, peer_pid: int = 0,
+                 peer_gid: int = -1) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
         self.peer_uid = peer_uid
+        self.peer_pid = peer_pid  # SO_PEERCRED at connect time: logged, never trusted as identity
+        self.peer_gid = peer_gid
         self.decoder = wire.Decoder()
         self.version: int | None = None
         self.out: deque[list] = deque()  # [memoryview, fds] per frame still to send
@@ -376,18 +382,18 @@ class ControlClient:
         _close_fds(self.decoder.take_unclaimed_fds())
         self.sock.close()
 
-    def call(self, method: str, params: dict | None = None) -> Any:
-        request_id = self._request(method, params)
-        for message in self._replies(request_id):
+    def call(self, method: str, params: dict | None = None, fds: Sequence[int] = ()) -> Any:
+        request_id = self.request(method, params, fds)
+        for message in self.replies(request_id):
             if message.type == "event":
                 continue
             return message.result
         raise AssertionError("unreachable")
 
-    def stream(self, method: str, params: dict | None = None) -> Iterator[dict]:
+    def stream(self, method: str, params: dict | None = None, fds: Sequence[int] = ()) -> Iterator[dict]:
         """Events of a streaming request, until its response (or the caller stops iterating)."""
-        request_id = self._request(method, params)
-        for message in self._replies(request_id):
+        request_id = self.request(method, params, fds)
+        for message in self.replies(request_id):
             if message.type == "event":
                 yield message.event or {}
             else:
@@ -396,13 +402,15 @@ class ControlClient:
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
 
-    def _request(self, method: str, params: dict | None) -> int:
+    def request(self, method: str, params: dict | None = None, fds: Sequence[int] = ()) -> int:
+        """Send a request (with ``fds``, which stay the caller's); its id, for ``replies``."""
         request_id = self._next_id
         self._next_id += 1
-        self._send(wire.request(request_id, method, params or {}))
+        self._send(wire.request(request_id, method, params or {}), fds)
         return request_id
 
-    def _replies(self, request_id: int) -> Iterator[wire.Message]:
+    def replies(self, request_id: int) -> Iterator[wire.Message]:
+        """The event frames and then the response of ``request_id``; an error raises ControlError."""
         while True:
             message = self._receive()
             _close_fds(message.fds)
@@ -414,9 +422,15 @@ class ControlClient:
             if message.type == "response":
                 return
 
-    def _send(self, obj: dict) -> None:
+    def _send(self, obj: dict, fds: Sequence[int] = ()) -> None:
         try:
-            self.sock.sendall(wire.encode(obj))
+            frame = wire.encode(obj, len(fds))
+            if fds:
+                sent = _sys.send_fds(self.sock, frame, fds)
+                if sent < len(frame):  # an empty send to a server that answered and closed: EPIPE
+                    self.sock.sendall(frame[sent:])
+            else:
+                self.sock.sendall(frame)
         except OSError as exc:
             raise ControlError("unreachable", f"control connection lost: {exc.strerror or exc}") from None
 

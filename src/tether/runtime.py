@@ -64,18 +64,26 @@ def runtime_dir(uid: int | None = None, environ: dict[str, str] | None = None) -
     return Path(f"/tmp/tether-{uid}")
 
 
-def ensure_runtime_dir(path: Path) -> Path:
-    """Create ``path`` (0700) if needed; refuse one that is not ours or that others can enter."""
+def directory_mode(uid: int | None = None) -> int:
+    """Root's ``/run/tether`` is shared with the daemon (``tether serve``), whose container
+    sockets other users reach: 0755 there (every control socket is 0600 or as configured)."""
+    return 0o755 if (os.getuid() if uid is None else uid) == 0 else 0o700
+
+
+def ensure_runtime_dir(path: Path, mode: int = 0o700) -> Path:
+    """Create ``path`` (``mode``) if needed; refuse one that is not ours; take away permissions
+    beyond ``mode`` (the daemon's directory is 0755: its container sockets are reached by
+    containers' users, each socket's own mode deciding who)."""
     try:
-        path.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=mode, exist_ok=True)
         info = path.lstat()
     except OSError as exc:
         raise RuntimeDirError(f"cannot create the runtime directory {path}: {exc.strerror}",
                               "set XDG_RUNTIME_DIR to a directory you own") from None
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise RuntimeDirError(f"runtime directory {path} is not a directory owned by uid {os.getuid()}")
-    if info.st_mode & 0o077:
-        os.chmod(path, 0o700)
+    if info.st_mode & 0o777 & ~mode:
+        os.chmod(path, mode)
     return path
 
 

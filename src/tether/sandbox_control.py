@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from tether import wire
 from tether.audit import Audit
@@ -82,29 +83,7 @@ class SandboxControl:
         return {"connections": self.engine.connections()}
 
     def events(self, request: Request) -> object:
-        follow = _param(request, "follow", bool, False)
-        backlog = _param(request, "backlog", int, 100)
-        if backlog < 0:
-            raise MethodError(wire.BAD_PARAMS, "backlog must be >= 0")
-        recent = list(self.audit.recent)[-backlog:] if backlog else []
-        for record in recent:
-            if not request.push(record):
-                return STREAMING
-        if not follow:
-            request.finish({"events": len(recent)})
-            return STREAMING
-
-        def forward(record: dict) -> None:
-            if not request.push(record):
-                unsubscribe()
-
-        def unsubscribe() -> None:
-            if forward in self.audit.subscribers:
-                self.audit.subscribers.remove(forward)
-
-        self.audit.subscribers.append(forward)
-        request.on_close(unsubscribe)
-        return STREAMING
+        return stream_events(request, self.audit)
 
     def policy_show(self, request: Request) -> dict:
         policy = self.policy()
@@ -155,6 +134,40 @@ class SandboxControl:
             raise MethodError(wire.BAD_PARAMS, f"timeout must be 0-{MAX_STOP_TIMEOUT:g} seconds")
         self._stop(float(timeout))
         return {"stopping": True, "timeout": float(timeout)}
+
+
+class EventSource(Protocol):
+    """What ``stream_events`` reads: the recent records and the live subscriber list."""
+
+    recent: deque[dict]
+    subscribers: list[Callable[[dict], None]]
+
+
+def stream_events(request: Request, source: EventSource) -> object:
+    """The ``events`` method over any event source (a sandbox's audit, the daemon's log)."""
+    follow = _param(request, "follow", bool, False)
+    backlog = _param(request, "backlog", int, 100)
+    if backlog < 0:
+        raise MethodError(wire.BAD_PARAMS, "backlog must be >= 0")
+    recent = list(source.recent)[-backlog:] if backlog else []
+    for record in recent:
+        if not request.push(record):
+            return STREAMING
+    if not follow:
+        request.finish({"events": len(recent)})
+        return STREAMING
+
+    def forward(record: dict) -> None:
+        if not request.push(record):
+            unsubscribe()
+
+    def unsubscribe() -> None:
+        if forward in source.subscribers:
+            source.subscribers.remove(forward)
+
+    source.subscribers.append(forward)
+    request.on_close(unsubscribe)
+    return STREAMING
 
 
 def describe_match(rule: Rule) -> str:
