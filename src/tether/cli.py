@@ -104,12 +104,40 @@ def ps(as_json: bool) -> None:
     click.echo(ctl.dumps(rows) if as_json else ctl.render_ps(rows))
 
 
-@main.group()
+class _CtlGroup(click.Group):
+    """``tether ctl NAME COMMAND`` for a sandbox; ``tether ctl --admin [--runtime-dir DIR] COMMAND``
+    for the daemon: the admin form has no NAME, so a placeholder takes its place before parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args[:1] == ["--admin"]:
+            rest = args[1:]
+            options: list[str] = []
+            while rest[:1] and rest[0].startswith("--runtime-dir"):
+                take = 1 if "=" in rest[0] else 2
+                options, rest = options + rest[:take], rest[take:]
+            args = ["--admin", *options, ADMIN_TARGET, *rest]
+        return super().parse_args(ctx, args)
+
+
+ADMIN_TARGET = ":admin"  # never a valid sandbox name
+
+
+@main.group(cls=_CtlGroup)
+@click.option("--admin", is_flag=True, help="Control the daemon (tether serve) instead of a sandbox: "
+                                            "tether ctl --admin sessions|events|attach|detach|reload.")
+@click.option("--runtime-dir", metavar="DIR", default="/run/tether", show_default=True,
+              help="With --admin: where the daemon's admin.sock is.")
 @click.argument("name")
 @click.pass_context
-def ctl(ctx: click.Context, name: str) -> None:
-    """Observe and control the running sandbox NAME (tether run --name NAME): tether ctl NAME COMMAND."""
-    ctx.obj = name
+def ctl(ctx: click.Context, admin: bool, runtime_dir: str, name: str) -> None:
+    """Observe and control the running sandbox NAME (tether run --name NAME): tether ctl NAME COMMAND.
+
+    With --admin (no NAME): the daemon, through its admin socket."""
+    from tether import ctl as c
+
+    if admin != (name == ADMIN_TARGET):
+        raise click.UsageError("--admin comes first and takes no NAME: tether ctl --admin COMMAND")
+    ctx.obj = c.admin_target(runtime_dir) if admin else name
 
 
 @ctl.command()
@@ -247,6 +275,148 @@ def stop(name: str, timeout: float, as_json: bool) -> None:
     if not gone:
         _fail(RuntimeError(f"sandbox {name!r} is still running {timeout + 5:g} s after the stop request"))
     click.echo(c.dumps({"name": name, "stopped": True}) if as_json else f"tether: stopped {name}")
+
+
+@ctl.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of objects, one per container.")
+@click.pass_obj
+def sessions(target: str, as_json: bool) -> None:
+    """(--admin) Every configured container: session state, engine, restarts, traffic."""
+    from tether import ctl as c
+
+    try:
+        rows = c.call(target, "sessions")["sessions"]
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(c.dumps(rows) if as_json else c.render_sessions(rows))
+
+
+@ctl.command()
+@click.argument("container")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def detach(target: str, container: str, as_json: bool) -> None:
+    """(--admin) End CONTAINER's session: engine stopped, its netns unconfigured."""
+    from tether import ctl as c
+
+    try:
+        result = c.call(target, "detach", {"name": container})
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(c.dumps(result) if as_json else f"tether: detached {container}")
+
+
+@ctl.command("attach")
+@click.option("--pid", type=click.IntRange(min=1), required=True, help="A process in the container's netns.")
+@click.option("--name", "container", required=True, help="The configured container to attach it as.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def admin_attach(target: str, pid: int, container: str, as_json: bool) -> None:
+    """(--admin) Give the netns of process PID the network of configured container NAME; the
+    session lives until that process exits (or detach)."""
+    from tether import ctl as c
+
+    try:
+        result = c.call(target, "attach", {"name": container, "pid": pid})
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(c.dumps(result) if as_json else
+               f"tether: attached pid {pid} as {container} ({result['interface']}, {', '.join(result['addresses'])})")
+
+
+@ctl.command("reload")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def admin_reload(target: str, as_json: bool) -> None:
+    """(--admin) Re-read the daemon's config, as SIGHUP does."""
+    from tether import ctl as c
+
+    try:
+        result = c.call(target, "reload")
+    except _ctl_errors() as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(c.dumps(result))
+    elif not result.get("ok"):
+        _fail(RuntimeError("the config has errors; the running one stays:\n  " + "\n  ".join(result["errors"])))
+    else:
+        done = [f"{k}: {', '.join(v)}" for k, v in result.items() if k != "ok" and v]
+        click.echo("tether: config reloaded" + (f" ({'; '.join(done)})" if done else " (no changes)"))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="/etc/tether/tether.toml",
+              show_default=True, help="The daemon's config (TOML).")
+@click.option("--runtime-dir", metavar="DIR", default=None,
+              help="Where admin.sock and NAME.sock are created [default: the config's daemon.runtime_dir].")
+@click.option("--log", "log_path", metavar="PATH", help="Event log (JSON lines) [default: the config's daemon.log, "
+                                                         "else stderr].")
+@click.option("--check-config", is_flag=True, help="Validate the config, list every error, exit 0 or 2.")
+def serve(config_path: str, runtime_dir: str | None, log_path: str | None, check_config: bool) -> None:
+    """Run the host daemon that gives configured containers their network (root)."""
+    from pathlib import Path
+
+    from tether.config import ConfigError, load_config
+    from tether.errors import TetherError
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"tether: {config_path}: the config has errors:\n{exc}", err=True)
+        sys.exit(2)
+    if check_config:
+        click.echo(f"tether: {config_path}: valid ({len(config.containers)} containers: "
+                   f"{', '.join(config.containers) or 'none'})")
+        return
+    from tether.daemon.server import serve as run_daemon
+
+    try:
+        code = run_daemon(config, Path(runtime_dir) if runtime_dir else None, log_path)
+    except TetherError as exc:
+        _fail_usage(exc)
+    sys.exit(code)
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), help="The container's socket "
+              "(bind-mounted from the host's RUNTIME_DIR/NAME.sock).")
+@click.option("--name", help="Instead of --socket: RUNTIME_DIR/NAME.sock.")
+@click.option("--runtime-dir", metavar="DIR", default="/run/tether", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="Do not report the configured network on stderr.")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD [ARGS]...]")
+def attach(socket_path: str | None, name: str | None, runtime_dir: str, quiet: bool, argv: tuple[str, ...]) -> None:
+    """Inside a container: have the daemon configure this network namespace, then exec CMD (without
+    CMD: hold the session in the foreground until interrupted)."""
+    from tether.daemon.client import attach as run_attach, socket_path as resolve
+    from tether.errors import TetherError
+
+    try:
+        sys.exit(run_attach(resolve(runtime_dir, name, socket_path), list(argv), quiet))
+    except TetherError as exc:
+        _fail(exc)
+
+
+@main.command("oci-hook")
+@click.option("--name", required=True, help="The configured container this OCI container is.")
+@click.option("--runtime-dir", metavar="DIR", default="/run/tether", show_default=True)
+def oci_hook(name: str, runtime_dir: str) -> None:
+    """OCI runtime hook (createRuntime: attach; poststop: detach); reads the state JSON on stdin."""
+    from tether.daemon.client import oci_hook as run_hook, socket_path as resolve
+    from tether.errors import TetherError
+
+    try:
+        report = run_hook(resolve(runtime_dir, name, None), sys.stdin.buffer.read())
+    except TetherError as exc:
+        _fail(exc)
+    click.echo(f"tether: {report}", err=True)
+
+
+def _fail_usage(exc: Exception) -> None:
+    click.echo(f"tether: {exc}", err=True)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        click.echo(f"  hint: {hint}", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tether import __version__, runtime
@@ -35,7 +36,18 @@ def list_sandboxes() -> list[dict]:
     return rows
 
 
+ADMIN_PREFIX = "admin:"
+
+
+def admin_target(runtime_dir: str) -> str:
+    """The target string ``connect`` reads as the daemon's admin socket in ``runtime_dir``."""
+    return ADMIN_PREFIX + str(Path(runtime_dir) / "admin.sock")
+
+
 def connect(name: str, timeout: float | None = 10.0) -> ControlClient:
+    """A sandbox by name, or the daemon (``admin_target``)."""
+    if name.startswith(ADMIN_PREFIX):
+        return ControlClient(name[len(ADMIN_PREFIX):], SOFTWARE, timeout=timeout)
     return ControlClient(runtime.find(name), SOFTWARE, timeout=timeout)
 
 
@@ -112,6 +124,22 @@ def render_ps(rows: list[dict]) -> str:
             out.append([r["name"], str(r["pid"]), r["engine"], human_duration(r["uptime_s"]), str(r["connections"]),
                         str(r["denied"]), human_bytes(r["bytes_up"]), human_bytes(r["bytes_down"])])
     return _table(columns, out)
+
+
+def render_sessions(rows: list[dict]) -> str:
+    columns = [("NAME", "left"), ("STATE", "left"), ("ENGINE", "left"), ("ENGINE STATE", "left"), ("PID", "right"),
+               ("RESTARTS", "right"), ("UPTIME", "right"), ("CONNS", "right"), ("DENIED", "right"), ("UP", "right"),
+               ("DOWN", "right")]
+    table = []
+    for row in rows:
+        live = row.get("state") not in ("waiting", None)
+        table.append([row["name"], row.get("state", "?"), row.get("engine", "?"),
+                      row.get("engine_state", "") if live else "", str(row.get("target_pid") or row.get("peer_pid") or "")
+                      if live else "", str(row.get("restarts", "")) if live else "",
+                      human_duration(row["uptime_s"]) if live else "", str(row.get("connections", "")),
+                      str(row.get("denied", "")), human_bytes(row["bytes_up"]) if "bytes_up" in row else "",
+                      human_bytes(row["bytes_down"]) if "bytes_down" in row else ""])
+    return _table(columns, table)
 
 
 def render_connections(rows: list[dict]) -> str:
