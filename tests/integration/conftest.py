@@ -390,6 +390,46 @@ def tether(world, mode, workdir, run_cgroup):
 
 
 # --------------------------------------------------------------------------------------------
+# daemon mode (daemon_harness.py)
+
+
+@pytest.fixture
+def daemons(world, tmp_path, run_cgroup):
+    """``daemons(config_text, base=tmp_path)`` -> a started ``DaemonProcess`` (in the host netns, the
+    test's cgroup; its files under ``base``); each is stopped at teardown, which must exit 0."""
+    from daemon_harness import DaemonProcess
+
+    started: list = []
+    env = {"PATH": CLEAN_PATH, "LANG": "C.UTF-8", "HOME": "/root", "TETHER_IT_WORLD": world.id}
+
+    def start(config: str, base=None):
+        daemon = DaemonProcess(world, base or tmp_path, run_cgroup, config, env).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        assert daemon.stop() == 0, daemon.stderr_text()
+
+
+@pytest.fixture
+def netns():
+    """``netns()`` -> a new ``daemon_harness.Netns`` standing in for a container; deleted at teardown."""
+    from daemon_harness import Netns
+
+    made: list = []
+
+    def make():
+        ns = Netns()
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in made:
+        ns.delete()
+
+
+# --------------------------------------------------------------------------------------------
 # leak check
 
 
