@@ -15,7 +15,8 @@ The server is a listening Unix stream socket on the event loop.  Each accepted c
 A connection is one client's: whatever it sends (a malformed frame, a flood of fds, fds to a
 method that takes none, a burst of requests, then vanishing) ends that connection with an error frame where possible and closes
 every fd it sent; other connections and the sandbox never notice.  Limits: ``MAX_CONNECTIONS``
-at once (beyond: refused with ``busy``), ``MAX_OUTPUT`` bytes queued to one client (a subscriber
+at once (beyond: refused with ``busy``; ``hello_timeout``: a connection that has not said hello by
+then is closed), ``MAX_OUTPUT`` bytes queued to one client (a subscriber
 that does not read is dropped, never allowed to grow the engine's memory).
 
 Frames that carry fds are sent with one ``sendmsg`` each (fds ride on the frame's first byte);
@@ -98,11 +99,12 @@ Method = Callable[[Request], Any]
 class ControlServer:
     def __init__(self, listener: socket.socket, methods: dict[str, Method], allowed_uids: set[int] | None,
                  software: str, fd_methods: frozenset[str] = frozenset(),
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None, hello_timeout: float | None = None) -> None:
         self.methods = methods
         self.fd_methods = fd_methods  # the methods that take fds; anything else sent fds is a violation
         self.allowed_uids = allowed_uids  # None: whoever can reach the socket (its file mode decides)
         self.max_connections = MAX_CONNECTIONS if max_connections is None else max_connections
+        self.hello_timeout = hello_timeout  # a connection silent that long after connecting is closed
         self.software = software
         self.connections: set[_Connection] = set()
         self.refused = 0
@@ -173,6 +175,13 @@ class _Connection:
 
     def start(self) -> None:
         self._loop.add_reader(self.fd, self._on_readable)
+        if self.server.hello_timeout is not None:
+            self._loop.call_later(self.server.hello_timeout, self._hello_expired)
+
+    def _hello_expired(self) -> None:
+        """A connection that holds a slot without ever saying hello (a slow-loris) loses it."""
+        if self.version is None and not self.closed:
+            self.fail(wire.ProtocolError(wire.BAD_FIELD, f"no hello within {self.server.hello_timeout:g} s"))
 
     # -- input ------------------------------------------------------------------------------
 

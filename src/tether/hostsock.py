@@ -49,7 +49,7 @@ def parse_endpoint(text: str, default_address: str | None) -> tuple[str | None, 
             address = str(ipaddress.ip_address(address))
         except ValueError:
             raise ValueError(f"{text!r}: {address!r} is not an IP address") from None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r}: the port must be 1-65535")
     return address, int(port_text)
 

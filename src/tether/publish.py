@@ -49,7 +49,7 @@ HINT = "-p [HOSTADDR:]HOSTPORT:SANDBOXPORT[/tcp|/udp], e.g. -p 8080:80, -p 0.0.0
 def _ports(text: str, what: str, spec: str) -> range:
     low, sep, high = text.partition("-")
     for part in (low, high) if sep else (low,):
-        if not part.isdigit() or not 1 <= int(part) <= 65535:
+        if not (part.isascii() and part.isdigit()) or not 1 <= int(part) <= 65535:
             raise PublishError(f"bad -p {spec!r}: {what} {text!r} is not a port (1-65535) or range", HINT)
     first, last = int(low), int(high) if sep else int(low)
     if last < first:

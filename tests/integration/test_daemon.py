@@ -71,6 +71,7 @@ def test_attach_applies_the_policy_then_leaves_nothing(daemons, netns):
 def test_dns_stub_and_domain_rules_work_through_the_daemon(daemons, netns):
     daemon = daemons(WEB)
     ns = netns()
+    before = daemon.fds()
     code = "import json, socket; print(json.dumps(socket.getaddrinfo('example.test', 80, socket.AF_INET)[0][4][0]))"
     os.makedirs(f"/etc/netns/{ns.name}", exist_ok=True)  # ip netns exec binds it over /etc/resolv.conf
     try:
@@ -85,6 +86,7 @@ def test_dns_stub_and_domain_rules_work_through_the_daemon(daemons, netns):
     r = ns.run(attach_argv(daemon, "web", SANDBOX_PYTHON, "-c", HTTP_GET, ADS_ADDR, "80"))
     assert json.loads(r.stdout.strip().splitlines()[-1])["ok"] is False  # no name was resolved for it
     assert wait_clean(ns) == ns.clean_state()
+    assert sorted(daemon.wait_fds(before).values()) == sorted(before.values())
 
 
 # -- (e) an engine killed is restarted ---------------------------------------------------------------
@@ -253,6 +255,11 @@ def test_hostile_clients_are_refused_and_harm_no_session(daemons, netns, world, 
         finally:
             for s in held:
                 s.close()
+        # a slow-loris: connected, silent - the slot is taken back after the hello timeout (5 s)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+            silent.settimeout(15)
+            silent.connect(str(path))
+            assert b"no hello within 5 s" in silent.recv(4096)
         assert other.state() == other.clean_state()
         assert ns.http_get(WORLD_ADDR)["ok"]  # the live session never noticed
         after = daemon.wait_fds(baseline)
@@ -364,6 +371,7 @@ def test_attach_client_reconnects_after_a_daemon_restart(daemons, netns):
 def test_sighup_reload_applies_policy_and_removes_containers(daemons, netns):
     daemon = daemons(WEB)
     ns, ns2 = netns(), netns()
+    initial = daemon.fds()
     web = start_holder(daemon, ns)
     db = start_holder(daemon, ns2, "db")
     try:
@@ -391,6 +399,9 @@ def test_sighup_reload_applies_policy_and_removes_containers(daemons, netns):
         if db.poll() is None:
             db.kill()
     assert wait_clean(ns) == ns.clean_state()
+    # db's socket, claim lock and server are gone with it: two fds fewer than at the start
+    left = sorted(daemon.wait_fds(initial).values())
+    assert len(left) == len(initial) - 2 and str(daemon.socket("db")) not in " ".join(left), left
 
 
 # -- (h) config errors ---------------------------------------------------------------------------
@@ -420,3 +431,39 @@ def test_a_second_daemon_on_the_same_runtime_dir_is_refused(daemons, world):
     assert r.returncode == 2
     assert "cannot take 'admin'" in r.stderr and "already running" in r.stderr
     assert daemon.admin("sessions").returncode == 0  # the first one is untouched
+
+
+# -- published ports -------------------------------------------------------------------------------
+
+SERVER = r"""
+import socket
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 80)); srv.listen(8)
+print("listening", flush=True)
+conn, peer = srv.accept()
+conn.sendall(("hello " + peer[0] + "\n").encode()); conn.close()
+"""
+
+
+def test_ports_publish_a_container_server_on_the_daemons_host(daemons, netns, world):
+    port = 18000 + os.getpid() % 1000
+    daemon = daemons(f'[container.web]\nports = ["{port}:80", "0.0.0.0:{port + 1}:80"]\n')
+    ns = netns()
+    before = daemon.fds()
+    server = subprocess.Popen(ns.argv(attach_argv(daemon, "web", SANDBOX_PYTHON, "-c", SERVER)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        # from the world, through the address published on every interface: the server sees the client
+        got = world.in_world([SANDBOX_PYTHON, "-c", "import socket, sys; s = socket.create_connection("
+                              f"('{world.host_addr}', {port + 1}), timeout=10); print(s.recv(100).decode().strip())"])
+        assert got.returncode == 0 and got.stdout.strip() == "hello 192.0.2.2", got
+        assert server.wait(timeout=10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    daemon.wait_event(lambda e: e["event"] == "detach")
+    events = [e for e in daemon.events() if e["sandbox"] == "web" and e.get("proto") == "tcp"]
+    assert any(e["event"] == "connect" and e.get("direction") == "in" for e in events), events
+    assert wait_clean(ns) == ns.clean_state()
+    assert sorted(daemon.wait_fds(before).values()) == sorted(before.values())  # host sockets closed too

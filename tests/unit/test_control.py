@@ -412,3 +412,31 @@ def test_policy_show_lists_rules_in_order():
     shown = control.policy_show(FakeRequest({}))
     assert shown["default"] == "deny" and shown["file"] is None
     assert shown["rules"][0] == {"action": "allow", "rule": "203.0.113.10", "match": "any 203.0.113.10/32"}
+
+
+def test_a_connection_that_never_says_hello_loses_its_slot(tmp_path):
+    """Slow-loris: connecting and staying silent holds one of the server's limited slots; with
+    ``hello_timeout`` the server closes it (with an error saying why), and a client that does
+    say hello in time is served."""
+    async def main():
+        path = tmp_path / "s.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.listen(16)
+        server = ControlServer(listener, {"ping": lambda r: "pong"}, {os.getuid()}, "test-server",
+                               max_connections=1, hello_timeout=0.2)
+        server.start()
+        try:
+            silent = socket.socket(socket.AF_UNIX)
+            silent.connect(str(path))
+            silent.setblocking(False)
+            loop = asyncio.get_running_loop()
+            reply = await asyncio.wait_for(loop.sock_recv(silent, 4096), 5)
+            assert b'"code":"bad-field"' in reply and b"no hello within 0.2 s" in reply
+            assert await asyncio.wait_for(loop.sock_recv(silent, 4096), 5) == b""  # closed
+            silent.close()
+            assert await in_thread(call, str(path), "ping") == "pong"  # the slot is free again
+        finally:
+            server.close()
+
+    run(main())

@@ -52,6 +52,7 @@ SOFTWARE = f"tether-daemon {__version__}"
 ADMIN = "admin"
 POLICY_KEYS = ("default", "allow", "deny", "policy", "allow_host", "dns", "dns_deny", "connect_timeout", "udp_timeout")
 SOCKET_KEYS = ("socket_mode", "socket_uid", "socket_gid")
+HELLO_TIMEOUT = 5.0  # a container socket's connection must say hello this soon, or lose its slot
 
 
 class DaemonError(TetherError):
@@ -142,7 +143,7 @@ class Daemon:
             claim.release()
             raise
         server = ControlServer(listener, {}, None, SOFTWARE, fd_methods=frozenset({"attach"}),
-                               max_connections=self.config.daemon.max_pending)
+                               max_connections=self.config.daemon.max_pending, hello_timeout=HELLO_TIMEOUT)
         endpoint = _Endpoint(config, claim, server)
         server.methods = self._container_methods(endpoint)
         server.start()
