@@ -9,7 +9,10 @@
 4. prints the audit log;
 5. runs a sandboxed server published on the host with `-p`: a client on the host's loopback
    talks to it, the server sees the client's real address; `tether ps` and
-   `tether ctl NAME connections` show it running, `tether ctl NAME stop` ends it.
+   `tether ctl NAME connections` show it running, `tether ctl NAME stop` ends it;
+6. as root, daemon mode: `tether serve` with a one-container config, a "container" (a network
+   namespace of the demo's own) attached with `tether attach`, which fetches the same page
+   through the daemon; `tether ctl --admin sessions` while it runs; everything torn down.
 
 Run with `make demo` (as root it runs the sandbox as the unprivileged test user when that user
 exists, to show the rootless path; as a normal user it runs as you).
@@ -84,7 +87,12 @@ def main() -> int:
                       f" up={event['bytes_up']} down={event['bytes_down']}")
         if result.returncode != 0:
             return result.returncode
-    return publish_act(tether, user)
+    code = publish_act(tether, user)
+    if code != 0 or os.getuid() != 0:
+        if os.getuid() != 0:
+            print("\nhost: (daemon mode - tether serve - needs root: run `make demo` as root to see it)")
+        return code
+    return daemon_act(tether)
 
 
 SERVER = r"""
@@ -137,6 +145,69 @@ def publish_act(tether: str, user: str | None) -> int:
         if sandbox.poll() is None:
             sandbox.kill()
             sandbox.wait()
+
+
+DAEMON_CLIENT = r"""
+import socket, sys, urllib.request
+port = int(sys.argv[1])
+print("container: interfaces:", sorted(i[1] for i in socket.if_nameindex()))
+body = urllib.request.urlopen(f"http://10.0.2.2:{port}/hello.txt", timeout=5).read().decode().strip()
+print(f"container: GET http://10.0.2.2:{port}/hello.txt -> {body!r}")
+try:
+    socket.create_connection(("192.168.1.1", 80), timeout=5).close()
+except OSError as exc:
+    print(f"container: connect 192.168.1.1:80 -> {exc.strerror} (default deny)")
+"""
+
+
+def daemon_act(tether: str) -> int:
+    """Daemon mode: tether serve, a container netns attached with tether attach, ctl --admin."""
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="tether-demo-daemon-") as workdir:
+        with open(os.path.join(workdir, "hello.txt"), "w") as f:
+            f.write("hello from the host, through the daemon\n")
+        handler = functools.partial(_QuietHandler, directory=workdir)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        config = os.path.join(workdir, "tether.toml")
+        with open(config, "w") as f:
+            f.write(f'[container.web]\ndefault = "deny"\nallow_host = [{port}]\n')
+        run_dir = os.path.join(workdir, "run")
+        netns = f"tether-demo-{os.getpid()}"
+        print()
+        print(f"host: {config}:\n  " + open(config).read().strip().replace("\n", "\n  "))
+        print(f"host: $ tether serve --config {config} --runtime-dir {run_dir} &")
+        daemon = subprocess.Popen([tether, "serve", "--config", config, "--runtime-dir", run_dir, "--log",
+                                   os.path.join(workdir, "daemon.jsonl")])
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        try:
+            deadline = time.monotonic() + 10
+            while not os.path.exists(os.path.join(run_dir, "web.sock")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            attach = ["ip", "netns", "exec", netns, tether, "attach", "--socket", os.path.join(run_dir, "web.sock"),
+                      "--", "/usr/bin/python3", "-c", DAEMON_CLIENT, str(port)]
+            print(f"host: $ ip netns exec {netns} tether attach --socket {run_dir}/web.sock -- python3 client.py")
+            client = subprocess.run(attach, timeout=60)
+            print(f"host: $ tether ctl --admin --runtime-dir {run_dir} sessions")
+            out = subprocess.run([tether, "ctl", "--admin", "--runtime-dir", run_dir, "sessions"],
+                                 capture_output=True, text=True, timeout=30)
+            print("\n".join("  " + line for line in (out.stdout + out.stderr).rstrip().splitlines()))
+            time.sleep(0.3)  # the session's teardown (the client has exited) finishes
+            print("host: the daemon's log:")
+            with open(os.path.join(workdir, "daemon.jsonl")) as f:
+                for line in f:
+                    event = json.loads(line)
+                    detail = event.get("dst") or event.get("reason") or event.get("engine") or ""
+                    print(f"  {event['sandbox']:4} {event['event']:13} {detail}")
+            return client.returncode
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+            subprocess.run(["ip", "netns", "del", netns], check=False)
+            server.shutdown()
+            print(f"host: daemon stopped (exit {daemon.returncode}); the container's netns removed")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -517,8 +517,6 @@ def _publish(value: str) -> str:
         parse_publish(value)
     except PublishError as e:
         raise _Invalid(str(e)) from None
-    except ValueError:  # parse_publish lets int() fail on digits like "²" that str.isdigit() accepts
-        raise _Invalid(f"bad port spec {_show(value)}: want [HOSTADDR:]HOSTPORT:SANDBOXPORT[/tcp|/udp]") from None
     return value
 
 

@@ -434,7 +434,7 @@ def test_bad_rule():
 
 @pytest.mark.parametrize("spec, fragment", [
     ("8080", "want HOSTPORT:SANDBOXPORT"), ("0:80", "host port '0'"),
-    ("8080:80/sctp", "'sctp' is not tcp or udp"), ("\u00b2:80", "bad port spec"),
+    ("8080:80/sctp", "'sctp' is not tcp or udp"), ("\u00b2:80", "host port '\u00b2' is not a port"),
 ])
 def test_bad_port_spec(spec, fragment):
     found = only(container(f'ports = ["80:80", "{spec}"]'))
