@@ -61,12 +61,7 @@ def main() -> int:
             pass
     with tempfile.TemporaryDirectory(prefix="tether-demo-") as workdir:
         os.chmod(workdir, 0o755)
-        with open(os.path.join(workdir, "hello.txt"), "w") as f:
-            f.write("hello from the host\n")
-        handler = functools.partial(_QuietHandler, directory=workdir)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        port = server.server_address[1]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server, port = _serve_hello(workdir, "hello from the host\n")
         log = os.path.join(workdir, "events.jsonl")
         open(log, "w").close()
         os.chmod(log, 0o666)
@@ -165,12 +160,7 @@ def daemon_act(tether: str) -> int:
     import time
 
     with tempfile.TemporaryDirectory(prefix="tether-demo-daemon-") as workdir:
-        with open(os.path.join(workdir, "hello.txt"), "w") as f:
-            f.write("hello from the host, through the daemon\n")
-        handler = functools.partial(_QuietHandler, directory=workdir)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        port = server.server_address[1]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server, port = _serve_hello(workdir, "hello from the host, through the daemon\n")
         config = os.path.join(workdir, "tether.toml")
         with open(config, "w") as f:
             f.write(f'[container.web]\ndefault = "deny"\nallow_host = [{port}]\n')
@@ -208,6 +198,15 @@ def daemon_act(tether: str) -> int:
             subprocess.run(["ip", "netns", "del", netns], check=False)
             server.shutdown()
             print(f"host: daemon stopped (exit {daemon.returncode}); the container's netns removed")
+
+
+def _serve_hello(directory: str, text: str) -> tuple[http.server.ThreadingHTTPServer, int]:
+    """An HTTP server on the host's 127.0.0.1 (free port) serving ``text`` as /hello.txt."""
+    with open(os.path.join(directory, "hello.txt"), "w") as f:
+        f.write(text)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=directory))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
