@@ -188,7 +188,7 @@ def run(opts: RunOptions) -> int:
     sink = _open_log(opts.log)
     audit = Audit(name, sink)
     try:
-        claim = runtime.claim(runtime.ensure_runtime_dir(runtime.runtime_dir(), runtime.directory_mode()), name)
+        claim = runtime.claim(runtime.ensure_runtime_dir(runtime.runtime_dir(), allowed=runtime.allowed_mode()), name)
         try:
             listener = claim.listen()
         except RuntimeDirError:

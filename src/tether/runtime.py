@@ -64,16 +64,17 @@ def runtime_dir(uid: int | None = None, environ: dict[str, str] | None = None) -
     return Path(f"/tmp/tether-{uid}")
 
 
-def directory_mode(uid: int | None = None) -> int:
-    """Root's ``/run/tether`` is shared with the daemon (``tether serve``), whose container
-    sockets other users reach: 0755 there (every control socket is 0600 or as configured)."""
+def allowed_mode(uid: int | None = None) -> int:
+    """The most open mode tether run accepts for its runtime directory: root's ``/run/tether``
+    is shared with the daemon (``tether serve``), which makes it 0755 because containers' users
+    reach their sockets there (each control socket is 0600, or as configured)."""
     return 0o755 if (os.getuid() if uid is None else uid) == 0 else 0o700
 
 
-def ensure_runtime_dir(path: Path, mode: int = 0o700) -> Path:
-    """Create ``path`` (``mode``) if needed; refuse one that is not ours; take away permissions
-    beyond ``mode`` (the daemon's directory is 0755: its container sockets are reached by
-    containers' users, each socket's own mode deciding who)."""
+def ensure_runtime_dir(path: Path, mode: int = 0o700, allowed: int | None = None) -> Path:
+    """Create ``path`` with ``mode`` if needed; refuse one that is not ours; take away
+    permissions beyond ``allowed`` (default: ``mode``)."""
+    allowed = mode if allowed is None else allowed
     try:
         path.mkdir(mode=mode, exist_ok=True)
         info = path.lstat()
@@ -82,8 +83,8 @@ def ensure_runtime_dir(path: Path, mode: int = 0o700) -> Path:
                               "set XDG_RUNTIME_DIR to a directory you own") from None
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise RuntimeDirError(f"runtime directory {path} is not a directory owned by uid {os.getuid()}")
-    if info.st_mode & 0o777 & ~mode:
-        os.chmod(path, mode)
+    if info.st_mode & 0o777 & ~allowed:
+        os.chmod(path, info.st_mode & allowed & 0o777)
     return path
 
 

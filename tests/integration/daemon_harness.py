@@ -81,7 +81,20 @@ class DaemonProcess:
             raise AssertionError(f"tether serve did not report READY=1 in {READY_TIMEOUT} s\n"
                                  f"exit {self.popen.returncode}\nstderr: {err.decode()[-3000:]}") from None
         assert "READY=1" in message.splitlines(), message
+        self._settle()
         return self
+
+    def _settle(self, quiet: float = 0.1, timeout: float = 3.0) -> None:
+        """Wait until the daemon's fds stop changing (READY=1 is sent just before the notify
+        socket is closed): so ``fds()`` right after ``start()`` is a baseline, not a transient."""
+        deadline = time.monotonic() + timeout
+        last = self.fds()
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.fds()
+            if now == last:
+                return
+            last = now
 
     def socket(self, name: str) -> Path:
         return self.runtime_dir / f"{name}.sock"

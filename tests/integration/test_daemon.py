@@ -117,9 +117,10 @@ def test_killed_engine_is_restarted_on_the_same_fds(daemons, netns):
     assert sorted(daemon.wait_fds(before).values()) == sorted(before.values())
 
 
-def test_an_engine_that_keeps_dying_is_given_up(daemons, netns):
+def test_an_engine_that_keeps_dying_ends_its_session(daemons, netns):
     daemon = daemons(WEB.replace("max_pending = 8", "max_pending = 8\nrestart_max = 2\nrestart_window = 60"))
     ns = netns()
+    before = daemon.fds()
     holder = start_holder(daemon, ns)
     try:
         for restarts in range(3):
@@ -134,11 +135,19 @@ def test_an_engine_that_keeps_dying_is_given_up(daemons, netns):
                 daemon.wait_event(lambda e, n=restarts + 1: e["event"] == "engine-start" and e.get("restarts") == n)
         failed = daemon.wait_event(lambda e: e["event"] == "engine-failed")
         assert "2 restarts in 60 s" in failed["reason"]
-        row = next(r for r in daemon.admin_json("sessions") if r["name"] == "web")
-        assert row["engine_state"] == "failed" and row["state"] == "failed"
+        # no engine: the session ends (connections fail at once instead of hanging captured), and the
+        # client says why and exits non-zero
+        detach = daemon.wait_event(lambda e: e["event"] == "detach")
+        assert detach["reason"].startswith("its engine failed (2 restarts in 60 s; last: killed by signal 9")
+        assert holder.wait(timeout=10) == 1
+        assert "session ended: its engine failed" in holder.stderr.read().decode()
+        assert wait_clean(ns) == ns.clean_state()
+        unreachable = ns.http_get(WORLD_ADDR)
+        assert unreachable == {"ok": False, "error": "OSError", "errno": 101}, unreachable  # ENETUNREACH
     finally:
-        end_holder(holder)
-    assert wait_clean(ns) == ns.clean_state()
+        if holder.poll() is None:
+            holder.kill()
+    assert sorted(daemon.wait_fds(before).values()) == sorted(before.values())
 
 
 # -- (f) the client vanishes -------------------------------------------------------------------------

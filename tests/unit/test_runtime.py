@@ -63,6 +63,20 @@ def test_ensure_runtime_dir_creates_private_dir(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o700, "loosened permissions are tightened"
 
 
+def test_ensure_runtime_dir_accepts_up_to_allowed(tmp_path):
+    """Root's tether run shares /run/tether with the daemon, which opens it to 0755: created
+    0700, a 0755 one is left alone, anything wider loses the extra bits only."""
+    path = runtime.ensure_runtime_dir(tmp_path / "tether", allowed=0o755)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    os.chmod(path, 0o755)
+    runtime.ensure_runtime_dir(path, allowed=0o755)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    os.chmod(path, 0o777)
+    runtime.ensure_runtime_dir(path, allowed=0o755)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert runtime.allowed_mode(0) == 0o755 and runtime.allowed_mode(1000) == 0o700
+
+
 def test_ensure_runtime_dir_refuses_a_file(tmp_path):
     (tmp_path / "tether").write_text("not a dir")
     with pytest.raises(RuntimeDirError, match="runtime directory"):

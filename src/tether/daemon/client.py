@@ -123,13 +123,13 @@ def _watch(path: Path, client: ControlClient, request_id: int, netns: int, app: 
             signal.signal(sig, lambda *_: None)
     delay = BACKOFF_FIRST
     while True:
-        reconnect, reason = _hold(client, request_id, app, stop[0])
+        reconnect, reason, failed = _hold(client, request_id, app, stop[0])
         client.close()
         if reconnect is None:  # the app exited or we were told to stop: the daemon tears down
             return 0
         if not reconnect:
             print(f"tether: session ended: {reason}", file=sys.stderr)
-            return 0 if foreground else 1
+            return 1 if failed else 0
         while True:
             if _wait(app, stop[0], delay):
                 return 0
@@ -143,22 +143,22 @@ def _watch(path: Path, client: ControlClient, request_id: int, netns: int, app: 
                 delay = min(BACKOFF_MAX, delay * 2)
 
 
-def _hold(client: ControlClient, request_id: int, app: int, stop: int) -> tuple[bool | None, str]:
-    """Wait for the end: (None, _) when the app exits or we are stopped; else whether to
-    reconnect, and why."""
+def _hold(client: ControlClient, request_id: int, app: int, stop: int) -> tuple[bool | None, str, bool]:
+    """Wait for the end: (None, ...) when the app exits or we are stopped; else whether to
+    reconnect, why, and whether the session failed."""
     client.settimeout(None)
     replies = client.replies(request_id)
     while True:
         readable = _select([client.sock, app, stop])
         if app in readable or stop in readable:
-            return None, ""
+            return None, "", False
         try:
             message = next(replies)
         except (ControlError, StopIteration) as exc:
-            return True, str(exc) or "the daemon went away"
+            return True, str(exc) or "the daemon went away", False
         if message.type == "response":
             result = message.result if isinstance(message.result, dict) else {}
-            return bool(result.get("reconnect")), str(result.get("ended", "ended"))
+            return bool(result.get("reconnect")), str(result.get("ended", "ended")), bool(result.get("failed"))
 
 
 def _select(fds: list) -> list:

@@ -118,8 +118,9 @@ class Daemon:
             self._done.set_result(code)
 
     async def _shutdown(self) -> None:
-        for endpoint in list(self.endpoints.values()):
-            await self._close_endpoint(endpoint, "the daemon is stopping", reconnect=True)
+        # all at once: each teardown waits for its engine to exit (up to its grace period)
+        await asyncio.gather(*(self._close_endpoint(endpoint, "the daemon is stopping", reconnect=True)
+                               for endpoint in list(self.endpoints.values())))
         if self.admin is not None:
             self.admin.close()
             self.admin = None
@@ -327,8 +328,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - a bug answers this client, never hangs it
             request.fail(wire.INTERNAL, f"attach failed: {exc!r}")
             return
-        session.end_listeners.append(lambda reason, reconnect: request.finish({"ended": reason,
-                                                                                "reconnect": reconnect}))
+        session.end_listeners.append(request.finish)
         delivered = request.push({"configured": session.describe()})
         if lifetime == "connection":
             if not delivered or request.connection.closed:

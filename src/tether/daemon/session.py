@@ -76,7 +76,7 @@ class Session:
         self.worker: WorkerLink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Task | None = None
-        self.end_listeners: list[Callable[[str, bool], None]] = []  # (reason, reconnect) once ended
+        self.end_listeners: list[Callable[[dict], None]] = []  # {"ended", "reconnect", "failed"} once ended
 
     # -- start --------------------------------------------------------------------------------
 
@@ -165,7 +165,13 @@ class Session:
         self.log.emit(kind, self.name, engine=self.config.engine, **fields)
 
     def _on_engine_failed(self) -> None:
+        """The engine keeps dying: end the session rather than leave the container's connections
+        captured with nobody to serve them (they would hang); without its tun and routes the
+        container's connections fail at once, and its client learns why."""
         self.state = "failed"
+        last = self.supervisor.last_exit if self.supervisor else "?"
+        self.end(f"its engine failed ({self.restart.max_restarts} restarts in {self.restart.window:g} s; last: "
+                 f"{last})", failed=True)
 
     # -- observation --------------------------------------------------------------------------
 
@@ -218,21 +224,23 @@ class Session:
     def _on_process_gone(self) -> None:
         self.end("the container's process exited")
 
-    def end(self, reason: str, reconnect: bool = False) -> asyncio.Task:
+    def end(self, reason: str, reconnect: bool = False, failed: bool = False) -> asyncio.Task:
         """Tear the session down (once; later calls return the same task).  ``reconnect``: the
-        client should attach again (the daemon is restarting, or the container's shape changed)."""
+        client should attach again (the daemon is restarting, or the container's shape changed);
+        ``failed``: the session ends because it cannot work (its client exits non-zero)."""
         if self._stopping is None:
-            self._stopping = asyncio.ensure_future(self._stop(reason, reconnect))
+            self._stopping = asyncio.ensure_future(self._stop(reason, reconnect, failed))
         return self._stopping
 
-    async def _stop(self, reason: str, reconnect: bool) -> None:
-        self.state = "closing"
+    async def _stop(self, reason: str, reconnect: bool, failed: bool) -> None:
+        if self.state != "failed":
+            self.state = "closing"
         await self._release()
         self.state = "closed"
         self.log.emit("detach", self.name, reason=reason)
         self.on_end(self, reason)
         for listener in self.end_listeners:
-            listener(reason, reconnect)
+            listener({"ended": reason, "reconnect": reconnect, "failed": failed})
 
     async def _release(self) -> None:
         if self._loop is not None and self.watch_fd is not None:
