@@ -70,6 +70,7 @@ ENGINES: Final = ("proxy", "external", "wireguard")
 AVAILABLE_ENGINES: Final = ("proxy", "external")
 DEFAULT_MTU: Final = {"proxy": 65520, "external": 1420, "wireguard": 1420}
 FD_PLACEHOLDER: Final = "{fd}"
+RESERVED_NAME: Final = "admin"  # the daemon's admin.sock lives next to the containers' sockets
 HINT: Final = "docs/config.md describes every key; tether serve --check-config FILE checks a file"
 
 Key = tuple[str | int, ...]  # a dotted key: ("container", "web", "allow", 1) is container.web.allow[1]
@@ -789,6 +790,8 @@ def _container(ck: _Checker, name: str, table: object) -> ContainerConfig | None
         check_name(name)
     except RuntimeDirError as e:
         ck.report(key, f"{e} ({e.hint})" if e.hint else str(e))
+    if name == RESERVED_NAME:
+        ck.report(key, f"the name {RESERVED_NAME!r} is the daemon's own socket ({RESERVED_NAME}.sock); choose another")
     if not isinstance(table, dict):
         ck.report(key, f"must be a table ([{dotted(key)}]), not {_show(table)}")
         return None

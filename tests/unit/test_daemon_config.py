@@ -733,3 +733,10 @@ def test_schema_fuzz(sections):
         assert all(p.line is not None and p.key for p in e.errors), str(e)
     else:
         assert all(isinstance(c, ContainerConfig) for c in config.containers.values())
+
+
+def test_admin_is_not_a_container_name():
+    with pytest.raises(ConfigError) as caught:
+        parse_config('[container.admin]\nengine = "proxy"\n', "t.toml")
+    (problem,) = caught.value.errors
+    assert problem.key == "container.admin" and "the daemon's own socket" in problem.message
