@@ -25,16 +25,18 @@ the client reads with ``recvmsg`` and hands bytes and fds to ``wire.Decoder`` to
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether import _sys, wire
+
+if TYPE_CHECKING:
+    import asyncio
 
 MAX_CONNECTIONS = 128
 MAX_OUTPUT = 1 << 20
@@ -114,6 +116,8 @@ class ControlServer:
     def start(self) -> None:
         """Serve the (bound, listening) socket on the running loop."""
         assert self._sock is not None
+        import asyncio  # here, not at the top: clients (tether attach, the OCI hook) never pay its ~15 ms
+
         self._loop = asyncio.get_running_loop()
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._on_acceptable)

@@ -476,3 +476,19 @@ def test_ports_publish_a_container_server_on_the_daemons_host(daemons, netns, wo
     assert any(e["event"] == "connect" and e.get("direction") == "in" for e in events), events
     assert wait_clean(ns) == ns.clean_state()
     assert sorted(daemon.wait_fds(before).values()) == sorted(before.values())  # host sockets closed too
+
+
+def test_sigterm_right_after_configured_exits_cleanly(daemons, netns):
+    """The handlers are in place before "configured" is printed (the daemon benchmark caught
+    clients dying of a SIGTERM sent right after that line)."""
+    daemon = daemons(WEB)
+    ns = netns()
+    before = daemon.fds()
+    for attempt in range(10):
+        holder = start_holder(daemon, ns)
+        holder.send_signal(signal.SIGTERM)  # at once: no pause between the line and the signal
+        assert holder.wait(timeout=10) == 0, f"attempt {attempt}: {holder.stderr.read().decode()}"
+        daemon.wait_event(lambda e, n=attempt + 1: e["event"] == "detach"
+                          and sum(1 for x in daemon.events() if x["event"] == "detach") == n)
+    assert wait_clean(ns) == ns.clean_state()
+    assert sorted(daemon.wait_fds(before).values()) == sorted(before.values())

@@ -86,6 +86,12 @@ def request_attach(path: Path, netns_fd: int, pidfd: int, lifetime: str,
 
 def attach(path: Path, argv: list[str], quiet: bool = False) -> int:
     """``tether attach``: configure this netns, then exec ``argv`` (or hold it until signalled)."""
+    stop_read, stop_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    if not argv:
+        # Before anything is announced: a SIGTERM right after "configured" must end us cleanly.
+        signal.set_wakeup_fd(stop_write)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
     netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     me = _sys.pidfd_open(os.getpid())
     client, request_id, described = request_attach(path, netns, me, "connection")
@@ -93,20 +99,20 @@ def attach(path: Path, argv: list[str], quiet: bool = False) -> int:
         print(f"tether: {described['name']}: network configured ({described['interface']}, "
               f"{', '.join(described['addresses'])}; engine {described['engine']})", file=sys.stderr)
     if not argv:
-        return _watch(path, client, request_id, netns, me, foreground=True)
+        return _watch(path, client, request_id, netns, me, stop_read)
     first = os.fork()
     if first == 0:
         try:
             if os.fork() == 0:
                 os.setsid()
-                _sys.close_fds_above(3, keep=(client.sock.fileno(), netns, me))
-                os._exit(_watch(path, client, request_id, netns, me, foreground=False))
+                _sys.close_fds_above(3, keep=(client.sock.fileno(), netns, me, stop_read, stop_write))
+                os._exit(_watch(path, client, request_id, netns, me, stop_read))
         finally:
             os._exit(0)
     os.waitpid(first, 0)
     client.sock.close()
-    os.close(me)
-    os.close(netns)
+    for fd in (me, netns, stop_read, stop_write):
+        os.close(fd)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
@@ -114,16 +120,12 @@ def attach(path: Path, argv: list[str], quiet: bool = False) -> int:
         return 127 if exc.errno == 2 else 126
 
 
-def _watch(path: Path, client: ControlClient, request_id: int, netns: int, app: int, foreground: bool) -> int:
-    """Hold the session while ``app`` (a pidfd) lives; reconnect when the daemon goes away."""
-    stop = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    if foreground:
-        signal.set_wakeup_fd(stop[1])
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
+def _watch(path: Path, client: ControlClient, request_id: int, netns: int, app: int, stop: int) -> int:
+    """Hold the session while ``app`` (a pidfd) lives and ``stop`` (a pipe the signal handlers
+    write to) stays empty; reconnect when the daemon goes away."""
     delay = BACKOFF_FIRST
     while True:
-        reconnect, reason, failed = _hold(client, request_id, app, stop[0])
+        reconnect, reason, failed = _hold(client, request_id, app, stop)
         client.close()
         if reconnect is None:  # the app exited or we were told to stop: the daemon tears down
             return 0
@@ -131,7 +133,7 @@ def _watch(path: Path, client: ControlClient, request_id: int, netns: int, app: 
             print(f"tether: session ended: {reason}", file=sys.stderr)
             return 1 if failed else 0
         while True:
-            if _wait(app, stop[0], delay):
+            if _wait(app, stop, delay):
                 return 0
             try:
                 client, request_id, _ = request_attach(path, netns, app, "connection")
