@@ -411,6 +411,40 @@ def oci_hook(name: str, runtime_dir: str) -> None:
     click.echo(f"tether: {report}", err=True)
 
 
+@main.group()
+def wg() -> None:
+    """WireGuard key helpers, compatible with wg(8): tether wg genkey | tether wg pubkey."""
+
+
+@wg.command()
+def genkey() -> None:
+    """Print a new private key (base64), as wg genkey."""
+    from tether.engine.wireguard.keys import encode_key, generate_private_key
+
+    click.echo(encode_key(generate_private_key()))
+
+
+@wg.command()
+def genpsk() -> None:
+    """Print a new preshared key (base64), as wg genpsk."""
+    from tether.engine.wireguard.keys import encode_key, generate_preshared_key
+
+    click.echo(encode_key(generate_preshared_key()))
+
+
+@wg.command()
+def pubkey() -> None:
+    """Read a private key on stdin, print its public key, as wg pubkey."""
+    from tether.engine.wireguard.keys import BadKey, decode_key, encode_key, public_key
+
+    try:
+        private = decode_key(sys.stdin.read().strip())
+    except BadKey as exc:
+        click.echo(f"tether: the private key on stdin: {exc}", err=True)
+        sys.exit(1)
+    click.echo(encode_key(public_key(private)))
+
+
 def _fail_usage(exc: Exception) -> None:
     click.echo(f"tether: {exc}", err=True)
     hint = getattr(exc, "hint", None)
