@@ -51,6 +51,9 @@ def main() -> None:
 @click.option("--listen", "listen", multiple=True, metavar="[ADDR:]PORT",
               help="Listen on the host (default address 127.0.0.1) and hand the socket to CMD as "
                    "fd 3, 4, ... with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES (systemd socket activation). Repeatable.")
+@click.option("--wireguard", "wireguard", type=click.Path(dir_okay=False), metavar="FILE.conf",
+              help="Send everything through this WireGuard tunnel (a wg-quick file): the sandbox gets its "
+                   "addresses, routes and DNS, and nothing leaves except through the tunnel.")
 @click.option("-v", "--verbose", is_flag=True, help="Say what is being set up.")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(argv: tuple[str, ...], **options: object) -> None:
@@ -208,6 +211,25 @@ def policy_reload(name: str, as_json: bool) -> None:
     click.echo(c.dumps(result) if as_json else
                f"tether: {name}: policy reloaded from {result['file']} (default {result['default']}, "
                f"{result['rules']} rules)")
+
+
+@ctl.group("wg")
+def ctl_wg() -> None:
+    """NAME's WireGuard tunnel (tether run --wireguard)."""
+
+
+@ctl_wg.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def wg_show(name: str, as_json: bool) -> None:
+    """Peers, endpoints, latest handshake, transfer (keys shown as public keys only)."""
+    from tether import ctl as c
+
+    try:
+        result = c.call(name, "wg.show")
+    except _ctl_errors() as exc:
+        _fail(exc)
+    click.echo(c.dumps(result) if as_json else c.render_wg(result))
 
 
 @ctl.group()

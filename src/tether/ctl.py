@@ -142,6 +142,23 @@ def render_sessions(rows: list[dict]) -> str:
     return _table(columns, table)
 
 
+def render_wg(show: dict) -> str:
+    """``wg show``'s layout: the interface, then each peer."""
+    lines = ["interface: tun0", f"  public key: {show.get('public_key', '?')}", ""]
+    for peer in show.get("peers", []):
+        handshake = peer.get("latest_handshake")
+        when = f"{human_duration(max(0.0, time.time() - handshake))} ago" if handshake else "(none)"
+        lines += [f"peer: {peer['public_key']}", f"  endpoint: {peer.get('endpoint') or '(none)'}",
+                  f"  allowed ips: {', '.join(peer.get('allowed_ips', [])) or '(none)'}",
+                  f"  latest handshake: {when}",
+                  f"  transfer: {human_bytes(peer.get('rx_bytes', 0))} received, "
+                  f"{human_bytes(peer.get('tx_bytes', 0))} sent"]
+        if peer.get("persistent_keepalive"):
+            lines.append(f"  persistent keepalive: every {peer['persistent_keepalive']} seconds")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def render_connections(rows: list[dict]) -> str:
     columns = [("PROTO", "left"), ("SOURCE", "left"), ("DESTINATION", "left"), ("NAME", "left"), ("STATE", "left"),
                ("AGE", "right"), ("UP", "right"), ("DOWN", "right"), ("RULE", "left")]

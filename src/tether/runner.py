@@ -26,7 +26,7 @@ from tether.net.nft import TABLE, SandboxNet, compile_ruleset
 from tether.net.rtnl import Rtnl
 from tether.ns.holder import FORWARDED_SIGNALS, exit_code
 from tether.ns.link import HolderLink, close_fds
-from tether.ns.spawn import Sandbox, SandboxError, SandboxSpec, receive_message, send_message, spawn
+from tether.ns.spawn import Sandbox, SandboxSpec, receive_message, send_message, spawn
 from tether.policy import Policy, build_policy, load_policy_file
 from tether.hostsock import HostSocketError
 from tether.publish import PublishError, open_host_sockets, parse_publish
@@ -64,6 +64,7 @@ class RunOptions:
     name: str | None = None
     listen: list[str] = field(default_factory=list)
     publish: list[str] = field(default_factory=list)
+    wireguard: str | None = None
     verbose: bool = False
 
 
@@ -144,6 +145,26 @@ def _dns_upstreams(opts: RunOptions) -> list[tuple[str, int]]:
     return upstreams or host_resolvers()
 
 
+WIREGUARD_EXCLUDES = (("allow", "--allow"), ("deny", "--deny"), ("default", "--default"),
+                      ("policy_file", "--policy"), ("allow_host", "--allow-host"), ("dns", "--dns"),
+                      ("dns_passthrough", "--dns-passthrough"), ("publish", "-p/--publish"))
+
+
+def _prepare_wireguard(opts: RunOptions):
+    """``--wireguard FILE``: the sandbox's only way out is the tunnel, so the proxy's policy options
+    mean nothing there and are refused; the file is read and its endpoints resolved now."""
+    from tether.engine.wireguard.setup import WireGuardSetupError, prepare
+
+    given = [flag for attr, flag in WIREGUARD_EXCLUDES if getattr(opts, attr)]
+    if given:
+        raise RunError(f"--wireguard sends everything through the tunnel; {', '.join(given)} "
+                       f"{'does' if len(given) == 1 else 'do'} not apply to it")
+    try:
+        return prepare(opts.wireguard)
+    except WireGuardSetupError as exc:
+        raise RunError(str(exc), exc.hint) from None
+
+
 def _foreground_tty() -> int | None:
     """The fd of our controlling terminal if we are its foreground job (CMD then takes it)."""
     for fd in (0, 1, 2):
@@ -175,13 +196,14 @@ def run(opts: RunOptions) -> int:
         publishes = [p for text in opts.publish for p in parse_publish(text)]
     except (activation.ListenError, PublishError) as exc:
         raise RunError(str(exc), exc.hint) from None
-    policy = _build_policy(opts)
-    upstreams = _dns_upstreams(opts)
+    wireguard = _prepare_wireguard(opts) if opts.wireguard else None
+    policy = _build_policy(opts) if wireguard is None else Policy(allow=[], deny=[], default="deny")
+    upstreams = _dns_upstreams(opts) if wireguard is None else []
     check_prerequisites()
     net = SandboxNet(mtu=opts.mtu)
     ipv4, ipv6 = not opts.ipv6_only, not opts.ipv4_only
     resolv_conf = "".join(f"nameserver {server}\n" for enabled, server in ((ipv4, net.dns), (ipv6, net.dns6))
-                          if enabled)
+                          if enabled) if wireguard is None else wireguard.resolv_conf
     rules = policy.ordered_rules()
     dns_to_stub = not opts.dns_passthrough
     ruleset = compile_ruleset(rules, policy.default, 0, opts.allow_host, net, dns_to_stub)
@@ -223,20 +245,25 @@ def run(opts: RunOptions) -> int:
         ipv6=ipv6,
         listen_fds=[sock.fileno() for sock in served],
         listen_names=[listen.name for listen in listens],
+        plan=wireguard.plan if wireguard else None,
     )
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we write to the tty while CMD owns it
     _sys.raise_fd_limit()
     # Signals that must reach CMD stay pending (not lost, not fatal to tether) until the event
     # loop's handlers forward them; the holder unblocks them once its own handlers are in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    tunnel = None
     try:
+        tunnel = wireguard.start() if wireguard is not None else None  # (socket, device), in the host netns
         sandbox = spawn(spec)
-    except SandboxError as exc:
+    except TetherError as exc:  # SandboxError, or the tunnel's socket
         audit.close()
         listener.close()
         claim.release()
         for _, sock in published:
             sock.close()
+        if tunnel is not None:
+            tunnel[0].close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         raise RunError(str(exc), exc.hint) from None
     finally:
@@ -249,17 +276,25 @@ def run(opts: RunOptions) -> int:
     try:
         # Imported only now: asyncio and the engine (~30 ms of imports) load while the spawner
         # and the holder set the sandbox up on the other core.
-        from tether.engine.proxy.engine import DnsSettings, ProxyEngine
         from tether.sandbox_control import SandboxControl, SandboxInfo
 
         link = HolderLink(sandbox.control)
-        dns = DnsSettings(upstreams, "NXDOMAIN" if opts.dns_deny == "nxdomain" else "REFUSED", opts.dns_passthrough)
-        engine = ProxyEngine(tcp_listeners=sandbox.tcp_listeners, udp_sockets=sandbox.udp_sockets,
-                             nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy, ruleset=ruleset, audit=audit,
-                             allow_host_ports=frozenset(opts.allow_host), net=net, dns=dns, link=link,
-                             families=tuple(f for f, on in ((4, ipv4), (6, ipv6)) if on),
-                             connect_timeout=opts.connect_timeout, udp_timeout=opts.udp_timeout)
-        engine.inbound.add(published)
+        if wireguard is not None:
+            from tether.engine.wireguard.engine import WireGuardEngine
+
+            assert tunnel is not None
+            engine = WireGuardEngine(sandbox.tun, *tunnel)
+        else:
+            from tether.engine.proxy.engine import DnsSettings, ProxyEngine
+
+            dns = DnsSettings(upstreams, "NXDOMAIN" if opts.dns_deny == "nxdomain" else "REFUSED",
+                              opts.dns_passthrough)
+            engine = ProxyEngine(tcp_listeners=sandbox.tcp_listeners, udp_sockets=sandbox.udp_sockets,
+                                 nflog_sock=sandbox.nflog, tun=sandbox.tun, policy=policy, ruleset=ruleset,
+                                 audit=audit, allow_host_ports=frozenset(opts.allow_host), net=net, dns=dns,
+                                 link=link, families=tuple(f for f, on in ((4, ipv4), (6, ipv6)) if on),
+                                 connect_timeout=opts.connect_timeout, udp_timeout=opts.udp_timeout)
+            engine.inbound.add(published)
         info = SandboxInfo(name, sandbox.holder_pid, list(opts.argv), opts.policy_file, started, started_at)
         current = [policy]
         control = SandboxControl(info, engine, audit, lambda: current[0],
@@ -269,6 +304,8 @@ def run(opts: RunOptions) -> int:
     finally:
         _reap(sandbox.holder_pid)
         sandbox.close()
+        if tunnel is not None:
+            tunnel[0].close()
         audit.close()
         listener.close()
         claim.release()

@@ -71,13 +71,30 @@ class SandboxControl:
     def methods(self) -> dict[str, Method]:
         return {"status": self.status, "connections": self.connections, "events": self.events,
                 "policy.show": self.policy_show, "policy.reload": self.policy_reload, "stop": self.stop,
-                "ports.list": self.ports_list, "ports.add": self.ports_add, "ports.rm": self.ports_rm}
+                "ports.list": self.ports_list, "ports.add": self.ports_add, "ports.rm": self.ports_rm,
+                "wg.show": self.wg_show}
 
     def status(self, request: Request) -> dict:
-        return {"name": self.info.name, "pid": self.info.holder_pid, "tether_pid": os.getpid(), "engine": "proxy",
+        return {"name": self.info.name, "pid": self.info.holder_pid, "tether_pid": os.getpid(),
+                "engine": getattr(self.engine, "name", "proxy"),
                 "uptime_s": round(time.monotonic() - self.info.started, 3),
                 "started": self.info.started_at.isoformat(timespec="seconds"), "argv": self.info.argv,
                 "uid": os.getuid(), **self.engine.totals()}
+
+    def _inbound(self) -> Any:
+        """The engine's published ports; the WireGuard engine has none (the tunnel is the only way)."""
+        inbound = getattr(self.engine, "inbound", None)
+        if inbound is None:
+            raise MethodError(wire.CONFLICT, "this sandbox's engine publishes no ports (its only way out and in "
+                                             "is its tunnel)")
+        return inbound
+
+    def wg_show(self, request: Request) -> dict:
+        """The WireGuard engine's peers (public keys only, as ``wg show``)."""
+        show = getattr(self.engine, "show", None)
+        if show is None:
+            raise MethodError(wire.CONFLICT, "this sandbox does not run the WireGuard engine (tether run --wireguard)")
+        return show()
 
     def connections(self, request: Request) -> dict:
         return {"connections": self.engine.connections()}
@@ -102,9 +119,10 @@ class SandboxControl:
         return STREAMING
 
     def ports_list(self, request: Request) -> dict:
-        return {"ports": self.engine.inbound.listing()}
+        return {"ports": self._inbound().listing()}
 
     def ports_add(self, request: Request) -> dict:
+        inbound = self._inbound()  # first: no host socket is opened for an engine without ports
         spec = _param(request, "spec", str, "")
         try:
             publishes = parse_publish(spec)
@@ -114,7 +132,7 @@ class SandboxControl:
             opened = open_host_sockets(publishes)
         except HostSocketError as exc:
             raise MethodError(wire.CONFLICT, str(exc) + (f" ({exc.hint})" if exc.hint else "")) from None
-        self.engine.inbound.add(opened)
+        inbound.add(opened)
         return {"added": [p.key for p, _ in opened]}
 
     def ports_rm(self, request: Request) -> dict:
@@ -123,7 +141,7 @@ class SandboxControl:
             proto, address, port = parse_key(text)
         except PublishError as exc:
             raise MethodError(wire.BAD_PARAMS, str(exc)) from None
-        gone = self.engine.inbound.remove(proto, address, port)
+        gone = self._inbound().remove(proto, address, port)
         if not gone:
             raise MethodError(wire.NOT_FOUND, f"{text} is not published (see: ports list)")
         return {"removed": [p.key for p in gone]}

@@ -51,6 +51,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -427,6 +428,42 @@ def netns():
     yield make
     for ns in made:
         ns.delete()
+
+
+# --------------------------------------------------------------------------------------------
+# a WireGuard peer in the world (Debian's wireguard-go)
+
+WG_PEER_PORT = 51820
+
+
+def wg_genkey() -> tuple[str, str]:
+    private = sh(["wg", "genkey"]).stdout.strip()
+    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True, check=True).stdout.strip()
+    return private, public
+
+
+@pytest.fixture
+def wg_peer(world, tmp_path, run_cgroup):
+    """wireguard-go in the world netns: wgpXXXX 10.99.0.1/24, listening on 192.0.2.2:51820."""
+    name = f"wgp{secrets.token_hex(4)}"
+    private, public = wg_genkey()
+    (tmp_path / "peer.key").write_text(private + "\n")
+    proc = subprocess.Popen(world.wrap(["ip", "netns", "exec", world.world_ns, "wireguard-go", "-f", name], run_cgroup),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin",
+                                                                                       "LOG_LEVEL": "error"})
+    deadline = time.monotonic() + 10
+    while not os.path.exists(f"/var/run/wireguard/{name}.sock") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sh(["ip", "-n", world.world_ns, "addr", "add", "10.99.0.1/24", "dev", name])
+    sh(["ip", "-n", world.world_ns, "link", "set", name, "up"])
+    sh(["wg", "set", name, "listen-port", str(WG_PEER_PORT), "private-key", str(tmp_path / "peer.key")])
+    yield {"name": name, "public": public}
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 # --------------------------------------------------------------------------------------------

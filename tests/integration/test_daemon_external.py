@@ -17,11 +17,11 @@ import time
 import pytest
 
 from daemon_harness import Netns, attach_argv, wait_clean
+from conftest import WG_PEER_PORT, wg_genkey
 from world import SANDBOX_PYTHON, WORLD_VETH_ADDR, sh
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/wireguard-go"), reason="wireguard-go is not installed")
 
-PEER_PORT = 51820
 TRANSFER = 8 << 20
 
 SINK = r"""
@@ -44,36 +44,6 @@ print(len(data), hashlib.sha256(data).hexdigest())
 """
 
 
-def genkey() -> tuple[str, str]:
-    private = sh(["wg", "genkey"]).stdout.strip()
-    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True, check=True).stdout.strip()
-    return private, public
-
-
-@pytest.fixture
-def wg_peer(world, tmp_path, run_cgroup):
-    """wireguard-go in the world netns: wgpXXXX 10.99.0.1/24, listening on 192.0.2.2:51820."""
-    name = f"wgp{secrets.token_hex(4)}"
-    private, public = genkey()
-    (tmp_path / "peer.key").write_text(private + "\n")
-    proc = subprocess.Popen(world.wrap(["ip", "netns", "exec", world.world_ns, "wireguard-go", "-f", name], run_cgroup),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin",
-                                                                                       "LOG_LEVEL": "error"})
-    deadline = time.monotonic() + 10
-    while not os.path.exists(f"/var/run/wireguard/{name}.sock") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    sh(["ip", "-n", world.world_ns, "addr", "add", "10.99.0.1/24", "dev", name])
-    sh(["ip", "-n", world.world_ns, "link", "set", name, "up"])
-    sh(["wg", "set", name, "listen-port", str(PEER_PORT), "private-key", str(tmp_path / "peer.key")])
-    yield {"name": name, "public": public}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def test_wireguard_go_as_external_engine_tunnels_ping_and_tcp(daemons, netns, world, wg_peer, tmp_path):
     iface = f"twg{secrets.token_hex(4)}"
     daemon = daemons(f"""
@@ -89,7 +59,7 @@ tun_packet_info = true
 """)
     ns: Netns = netns()
     before = daemon.fds()
-    private, public = genkey()
+    private, public = wg_genkey()
     (tmp_path / "vpn.key").write_text(private + "\n")
     holder = subprocess.Popen(ns.argv(attach_argv(daemon, "vpn")), stderr=subprocess.PIPE, env=daemon.env)
     try:
@@ -103,7 +73,7 @@ tun_packet_info = true
         while not os.path.exists(f"/var/run/wireguard/{iface}.sock") and time.monotonic() < deadline:
             time.sleep(0.05)
         sh(["wg", "set", iface, "private-key", str(tmp_path / "vpn.key"), "peer", wg_peer["public"],
-            "endpoint", f"{WORLD_VETH_ADDR}:{PEER_PORT}",
+            "endpoint", f"{WORLD_VETH_ADDR}:{WG_PEER_PORT}",
             "allowed-ips", "10.99.0.0/24", "persistent-keepalive", "1"])
         sh(["wg", "set", wg_peer["name"], "peer", public, "allowed-ips", "10.99.0.2/32"])
         ping = ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.99.0.1"])

@@ -61,6 +61,7 @@ class SandboxSpec:
     ipv6: bool = True
     listen_fds: list[int] = field(default_factory=list)  # host listening sockets for CMD (--listen)
     listen_names: list[str] = field(default_factory=list)
+    plan: NetPlan | None = None  # the netns to build; None: the proxy engine's (capture) plan for ``net``
 
 
 @dataclass
@@ -73,12 +74,13 @@ class Sandbox:
     tun: int
     tcp_listeners: list[socket.socket]  # per family, bound to the loopback inside the netns
     udp_sockets: list[socket.socket]  # TPROXY sockets, per family
-    nflog: socket.socket
+    nflog: socket.socket | None  # None without capture (an engine that owns the tun, e.g. WireGuard)
     pidfd: int
 
     def close(self) -> None:
         for sock in (*self.tcp_listeners, *self.udp_sockets, self.nflog, self.control):
-            sock.close()
+            if sock is not None:
+                sock.close()
         for fd in (self.tun, self.pidfd):
             try:
                 os.close(fd)
@@ -148,7 +150,7 @@ def spawn(spec: SandboxSpec) -> Sandbox:
         tun=named["tun"],
         tcp_listeners=[socket.socket(fileno=named[k]) for k in ("tcp4", "tcp6") if k in named],
         udp_sockets=[socket.socket(fileno=named[k]) for k in ("udp4", "udp6") if k in named],
-        nflog=socket.socket(fileno=named["nflog"]),
+        nflog=socket.socket(fileno=named["nflog"]) if "nflog" in named else None,
         pidfd=_sys.pidfd_open(holder),
     )
 
@@ -176,7 +178,8 @@ def _spawner(spec: SandboxSpec, control: socket.socket) -> None:
     if not reply.get("ok"):
         raise SandboxError(reply.get("error", "uid/gid maps refused"))
     try:
-        named = netsetup.configure(NetPlan.for_proxy(spec.net, spec.ipv4, spec.ipv6), spec.ruleset_for_port)
+        plan = spec.plan or NetPlan.for_proxy(spec.net, spec.ipv4, spec.ipv6)
+        named = netsetup.configure(plan, spec.ruleset_for_port if plan.capture else None)
     except netsetup.NetSetupError as exc:
         raise SandboxError(str(exc), exc.hint) from None
     _allow_ping_sockets(full_id_range=real_root)

@@ -58,6 +58,8 @@ def open_udp_socket(listen_port: int | None) -> socket.socket:
 
 
 class WireGuardEngine:
+    name = "wireguard"
+
     def __init__(self, tun: int, sock: socket.socket, device: Any) -> None:
         self.tun = tun
         self.sock = sock
