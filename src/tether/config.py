@@ -67,7 +67,7 @@ from tether.runtime import RuntimeDirError, check_name
 MAX_CONFIG_BYTES: Final = 1 << 20  # a larger file is not a config file (and /dev/zero must not hang us)
 MAX_ID: Final = 2**32 - 2  # largest uid/gid; 2**32 - 1 is (uid_t)-1, "no change" to chown
 ENGINES: Final = ("proxy", "external", "wireguard")
-AVAILABLE_ENGINES: Final = ("proxy", "external")
+AVAILABLE_ENGINES: Final = ("proxy", "external", "wireguard")
 DEFAULT_MTU: Final = {"proxy": 65520, "external": 1420, "wireguard": 1420}
 FD_PLACEHOLDER: Final = "{fd}"
 RESERVED_NAME: Final = "admin"  # the daemon's admin.sock lives next to the containers' sockets
@@ -115,6 +115,7 @@ class ContainerConfig:
     addresses: tuple[str, ...] = ()
     routes: tuple[str, ...] = ()
     tun_packet_info: bool = False
+    config: str | None = None  # engine = "wireguard": the wg-quick file
 
     @property
     def effective_mtu(self) -> int:
@@ -679,11 +680,14 @@ _CONTAINER: Final[dict[str, _Field]] = {
     "addresses": _Field("strings", _interface_address),
     "routes": _Field("strings", _route),
     "tun_packet_info": _Field("boolean"),
+    "config": _Field("string", _absolute_path),
 }
 
 _TOP: Final = ("daemon", "container")
 EXTERNAL_ONLY: Final = ("command", "tun_fd_env", "interface", "addresses", "routes", "tun_packet_info")
 PROXY_ONLY: Final = ("default", "allow", "deny", "policy", "ports", "allow_host", "dns", "dns_deny")
+WIREGUARD_ONLY: Final = ("config",)
+FROM_THE_WG_FILE: Final = ("mtu", "ipv4", "ipv6")  # the WireGuard file says these (MTU, Address)
 _BAD: Final = object()  # a value that failed its check (already reported)
 
 
@@ -802,6 +806,8 @@ def _container(ck: _Checker, name: str, table: object) -> ContainerConfig | None
         values["engine"] = engine
     if engine == "external":
         _check_external(ck, key, table, values)
+    if engine == "wireguard":
+        _check_wireguard(ck, key, table, values)
     if not (values.get("ipv4", True) or values.get("ipv6", True)):
         ck.report(key + ("ipv6",), "ipv4 and ipv6 are both false: the container would have no network")
     return ContainerConfig(name=name, **values)
@@ -809,16 +815,39 @@ def _container(ck: _Checker, name: str, table: object) -> ContainerConfig | None
 
 def _misplaced_keys(ck: _Checker, key: Key, table: dict[str, Any], engine: object) -> frozenset[str]:
     """Report the keys this engine does not use (their values are then not checked)."""
+    external = {name: 'only for engine = "external"' for name in EXTERNAL_ONLY}
+    wireguard = {name: 'only for engine = "wireguard"' for name in WIREGUARD_ONLY}
     if engine == "proxy":
-        wrong, message = EXTERNAL_ONLY, 'only for engine = "external"'
+        wrong = {**external, **wireguard}
     elif engine == "external":
-        wrong, message = PROXY_ONLY, "the external program decides what leaves; policy keys apply to the proxy engine"
+        policy = "the external program decides what leaves; policy keys apply to the proxy engine"
+        wrong = {**{name: policy for name in PROXY_ONLY}, **wireguard}
+    elif engine == "wireguard":
+        policy = "nothing leaves but through the tunnel; policy keys apply to the proxy engine"
+        from_file = "the WireGuard file (config) says this (MTU, Address)"
+        wrong = {**{name: policy for name in PROXY_ONLY}, **external, **{name: from_file for name in FROM_THE_WG_FILE}}
     else:
         return frozenset()  # unknown or unavailable engine: already reported
     found = frozenset(name for name in wrong if name in table)
     for name in sorted(found, key=list(table).index):
-        ck.report(key + (name,), message)
+        ck.report(key + (name,), wrong[name])
     return found
+
+
+def _check_wireguard(ck: _Checker, key: Key, table: dict[str, Any], values: dict[str, Any]) -> None:
+    """``config`` names a readable, valid wg-quick file (checked now: --check-config reports it)."""
+    if "config" not in table:
+        ck.report(key + ("engine",), 'engine = "wireguard" needs config = "/path/to/wg0.conf" (a wg-quick file)')
+        return
+    path = values.get("config")
+    if path is None:
+        return  # reported already
+    from tether.engine.wireguard.conf import ConfError, load_conf
+
+    try:
+        load_conf(path)
+    except ConfError as exc:  # its messages never hold key material
+        ck.report(key + ("config",), "the WireGuard file has errors: " + "; ".join(str(p) for p in exc.problems))
 
 
 def _check_external(ck: _Checker, key: Key, table: dict[str, Any], values: dict[str, Any]) -> None:

@@ -104,3 +104,48 @@ tun_packet_info = true
         time.sleep(0.05)
     assert not os.path.exists(f"/var/run/wireguard/{iface}.sock")  # wireguard-go stopped cleanly
     assert sorted(daemon.wait_fds(before).values()) == sorted(before.values())
+
+
+def test_wireguard_engine_in_the_daemon(daemons, netns, world, wg_peer, tmp_path):
+    """engine = "wireguard": tether's own WireGuard engine in a supervised worker, its UDP socket in
+    the daemon's netns, the container's tun0 shaped by the wg-quick file."""
+    private, public = wg_genkey()
+    conf = tmp_path / "wg0.conf"
+    conf.write_text(f"[Interface]\nPrivateKey = {private}\nAddress = 10.99.0.2/24\n\n[Peer]\n"
+                    f"PublicKey = {wg_peer['public']}\nEndpoint = {WORLD_VETH_ADDR}:{WG_PEER_PORT}\n"
+                    "AllowedIPs = 10.99.0.0/24\nPersistentKeepalive = 1\n")
+    conf.chmod(0o600)
+    sh(["wg", "set", wg_peer["name"], "peer", public, "allowed-ips", "10.99.0.2/32"])
+    daemon = daemons(f'[container.vpn]\nengine = "wireguard"\nconfig = "{conf}"\n')
+    ns: Netns = netns()
+    before = daemon.fds()
+    holder = subprocess.Popen(ns.argv(attach_argv(daemon, "vpn")), stderr=subprocess.PIPE, env=daemon.env)
+    try:
+        line = holder.stderr.readline().decode()
+        assert "vpn: network configured (tun0, 10.99.0.2/24; engine wireguard)" in line, line
+        assert ns.state() == {"links": ["lo", "tun0"], "nft": "", "tether_rules": []}
+        ping = ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.99.0.1"])
+        assert ping.returncode == 0 and "3 received" in ping.stdout, ping.stdout + ping.stderr
+        port = 20000 + secrets.randbelow(20000)
+        sink = subprocess.Popen(["ip", "netns", "exec", world.world_ns, SANDBOX_PYTHON, "-c", SINK, str(port)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert sink.stdout.readline().strip() == "ready"
+            sent = ns.run([SANDBOX_PYTHON, "-c", SEND, str(port), str(TRANSFER)], timeout=120)
+            assert sent.returncode == 0, sent.stderr
+            received = sink.stdout.readline().split()
+        finally:
+            sink.kill()
+            sink.wait()
+        assert sent.stdout.split() == received
+        row = next(r for r in daemon.admin_json("sessions") if r["name"] == "vpn")
+        assert row["engine"] == "wireguard" and row["bytes_up"] > TRANSFER and row["connections"] == 1
+        outside = ns.run([SANDBOX_PYTHON, "-c", "import socket\ntry:\n socket.create_connection(('203.0.113.10', 80),"
+                                                " timeout=3)\nexcept OSError as e:\n print(e.errno)"])
+        assert outside.stdout.strip() == "101"  # no route outside the tunnel
+    finally:
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(timeout=10)
+    daemon.wait_event(lambda e: e["event"] == "detach" and e["sandbox"] == "vpn")
+    assert wait_clean(ns) == ns.clean_state()
+    assert sorted(daemon.wait_fds(before).values()) == sorted(before.values())

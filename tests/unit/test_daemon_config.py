@@ -31,6 +31,7 @@ from tether.config import (
     _CONTAINER,
     _DAEMON,
     EXTERNAL_ONLY,
+    WIREGUARD_ONLY,
     MAX_CONFIG_BYTES,
     PROXY_ONLY,
     Config,
@@ -356,6 +357,8 @@ def document(section: str, key: str, literal: str) -> tuple[str, int, str]:
     if key in EXTERNAL_ONLY:
         lines += ['engine = "external"'] + [line for line in ('command = ["prog"]', 'tun_fd_env = "FD"')
                                              if not line.startswith(key + " ")]
+    if key in WIREGUARD_ONLY:
+        lines += ['engine = "wireguard"']
     lines.append(f"{key} = {literal}")
     return "\n".join(lines) + "\n", len(lines), f"container.c.{key}"
 
@@ -407,7 +410,7 @@ def test_numbers_accept_integers():
     ("container.c", "default = 'Deny'", 'must be "allow" or "deny", not "Deny"; did you mean "deny"?'),
     ("container.c", "engine = 'exernal'",
      'must be one of "proxy", "external", "wireguard", not "exernal"; did you mean "external"?'),
-    ("container.c", "engine = 'wireguard'", 'engine "wireguard" is not available yet (planned)'),
+    ("container.c", "engine = 'wireguard'", 'engine = "wireguard" needs config = "/path/to/wg0.conf" (a wg-quick file)'),
     ("container.c", "policy = 'p.toml'", 'must be an absolute path, not "p.toml"'),
     ("container.c", "dns = ['dns.example.test']", 'must be an IP address, not "dns.example.test"'),
     ("container.c", "socket_uid = -1", "must be between 0 and 4294967294, not -1"),
@@ -561,9 +564,29 @@ def test_external_keys_on_proxy(key, engine):
     assert found.key == f"container.c.{key}" and found.message == 'only for engine = "external"'
 
 
-def test_planned_engine_reports_only_itself():
-    found = only(container('engine = "wireguard"\ncommand = ["x"]\nallow = ["y.example"]'))
-    assert found.key == "container.c.engine"
+def test_wireguard_engine_keys(tmp_path):
+    """engine = "wireguard": config names a valid wg-quick file (checked at load, errors without
+    key material); policy, external and MTU/family keys are refused."""
+    from tether.engine.wireguard.keys import encode_key, generate_private_key
+
+    private = encode_key(generate_private_key())
+    good = tmp_path / "wg0.conf"
+    peer = encode_key(generate_private_key())  # any 32 bytes make a well-formed public key
+    good.write_text(f"[Interface]\nPrivateKey = {private}\nAddress = 10.99.0.2/24\n\n"
+                    f"[Peer]\nPublicKey = {peer}\nAllowedIPs = 10.99.0.0/24\n")
+    config = parse_config(f'[container.vpn]\nengine = "wireguard"\nconfig = "{good}"\n', "t.toml")
+    assert config.containers["vpn"].config == str(good)
+    bad = tmp_path / "bad.conf"
+    bad.write_text(f"[Interface]\nPrivateKey = {private}\nPostUp = true\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'[container.vpn]\nengine = "wireguard"\nconfig = "{bad}"\nallow = ["x.test"]\nmtu = 1400\n'
+                     'command = ["x"]\n', "t.toml")
+    found = {p.key: p.message for p in caught.value.errors}
+    assert "PostUp" in found["container.vpn.config"] and private not in found["container.vpn.config"]
+    assert "nothing leaves but through the tunnel" in found["container.vpn.allow"]
+    assert "the WireGuard file (config) says this" in found["container.vpn.mtu"]
+    assert found["container.vpn.command"] == 'only for engine = "external"'
+    assert only(container('config = "/x.conf"')).message == 'only for engine = "wireguard"'
 
 
 @pytest.mark.parametrize("body, key, fragment", [

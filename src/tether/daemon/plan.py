@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 
 from tether.config import ContainerConfig
+from tether.engine.wireguard.conf import load_conf
 from tether.net.nft import Ruleset, SandboxNet, compile_ruleset
 from tether.ns.netsetup import ANYWHERE, NetPlan
 from tether.policy import Policy, build_policy, load_policy_file
@@ -29,6 +30,10 @@ def sandbox_net(config: ContainerConfig) -> SandboxNet:
 def interface_name(config: ContainerConfig) -> str:
     """The tun's name.  An external program sees it in the daemon's netns too (a placeholder of
     the same name, see ``session``), so external engines get a name unique on the host."""
+    if config.engine == "wireguard":
+        from tether.engine.wireguard.setup import INTERFACE
+
+        return INTERFACE
     if config.engine != "external":
         return "tun0"
     if config.interface:
@@ -41,6 +46,10 @@ def interface_name(config: ContainerConfig) -> str:
 
 
 def net_plan(config: ContainerConfig) -> NetPlan:
+    if config.engine == "wireguard":
+        from tether.engine.wireguard import setup
+
+        return setup.net_plan(load_conf(config.config))
     if config.engine == "external":
         addresses = [ipaddress.ip_interface(a) for a in (config.addresses or (EXTERNAL_ADDRESS,))]
         routes = [(ipaddress.ip_network(r), None) for r in config.routes] if config.routes else \

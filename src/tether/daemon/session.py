@@ -67,7 +67,7 @@ class Session:
         self.state = "configuring"
         self.started = time.monotonic()
         self.started_at = datetime.now(UTC)
-        self.plan = plan.net_plan(config)
+        self.plan = plan.net_plan(config)  # wireguard: reads its file (validated when the config was loaded)
         self.named: dict[str, int | socket.socket] = {}
         self.published: list[tuple[Any, socket.socket]] = []
         self.placeholder: int | None = None
@@ -101,7 +101,7 @@ class Session:
         if config.engine == "proxy":
             make_ruleset = plan.ruleset_for(config, self._policy())
             ruleset_for_port = lambda port: make_ruleset(port).script  # noqa: E731
-        else:
+        elif config.engine == "external":
             self.placeholder = _make_placeholder(self.plan.interface)
         job_plan = self.plan
 

@@ -99,6 +99,8 @@ async def _serve(link: socket.socket, start: dict) -> int:
     loop = asyncio.get_running_loop()
     config = config_from_json(start["config"])
     fds = start["fds"]
+    if config.engine == "wireguard":
+        return await _serve_wireguard(link, config, fds["tun"])
     with Rtnl() as rtnl:
         host_addresses = rtnl.addresses()
     policy = plan.build_container_policy(config, host_addresses)
@@ -154,6 +156,52 @@ async def _serve(link: socket.socket, start: dict) -> int:
         loop.remove_reader(link.fileno())
         sockets.close()
         devnull.close()
+
+
+async def _serve_wireguard(link: socket.socket, config: ContainerConfig, tun: int) -> int:
+    """The WireGuard engine: its UDP socket bound here, in the daemon's netns; the tun from the
+    daemon.  No audit events (nothing is decided per connection); ``totals`` for ``sessions``."""
+    from tether.engine.wireguard.engine import WireGuardEngine
+    from tether.engine.wireguard.setup import prepare
+
+    loop = asyncio.get_running_loop()
+    sock, device = prepare(config.config).start()
+    engine = WireGuardEngine(tun, sock, device)
+    link.setblocking(False)
+    done: asyncio.Future[int] = loop.create_future()
+
+    def tell(message: dict) -> None:
+        try:
+            send_message(link, message)
+        except OSError:
+            pass
+
+    def on_link() -> None:
+        while True:
+            try:
+                message, extra = receive_message(link, maxfds=0)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (EOFError, OSError, ValueError):
+                if not done.done():
+                    done.set_result(0)
+                return
+            close_fds(extra)
+            if message.get("op") == "totals":
+                tell({"id": message.get("id"), "result": engine.totals()})
+            else:
+                tell({"id": message.get("id"), "error": f"unknown op {message.get('op')!r} for the WireGuard engine"})
+
+    loop.add_reader(link.fileno(), on_link)
+    loop.add_signal_handler(signal.SIGTERM, lambda: done.done() or done.set_result(0))
+    engine.start()
+    tell({"ready": True})
+    try:
+        return await done
+    finally:
+        engine.close()
+        loop.remove_reader(link.fileno())
+        sock.close()
 
 
 def _answer(message: dict, engine, config: ContainerConfig, host_addresses, tell) -> None:
