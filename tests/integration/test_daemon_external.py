@@ -44,6 +44,25 @@ print(len(data), hashlib.sha256(data).hexdigest())
 """
 
 
+def ping_and_transfer(ns: Netns, world) -> None:
+    """From the container netns: 3 pings to the peer's tunnel address, then TRANSFER bytes to a sink
+    behind it, the sha256 the same on both ends."""
+    ping = ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.99.0.1"])
+    assert ping.returncode == 0 and "3 received" in ping.stdout, ping.stdout + ping.stderr
+    port = 20000 + secrets.randbelow(20000)
+    sink = subprocess.Popen(["ip", "netns", "exec", world.world_ns, SANDBOX_PYTHON, "-c", SINK, str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout.readline().strip() == "ready"
+        sent = ns.run([SANDBOX_PYTHON, "-c", SEND, str(port), str(TRANSFER)], timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        received = sink.stdout.readline().split()
+    finally:
+        sink.kill()
+        sink.wait()
+    assert sent.stdout.split() == received and int(received[0]) == TRANSFER
+
+
 def test_wireguard_go_as_external_engine_tunnels_ping_and_tcp(daemons, netns, world, wg_peer, tmp_path):
     iface = f"twg{secrets.token_hex(4)}"
     daemon = daemons(f"""
@@ -76,21 +95,7 @@ tun_packet_info = true
             "endpoint", f"{WORLD_VETH_ADDR}:{WG_PEER_PORT}",
             "allowed-ips", "10.99.0.0/24", "persistent-keepalive", "1"])
         sh(["wg", "set", wg_peer["name"], "peer", public, "allowed-ips", "10.99.0.2/32"])
-        ping = ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.99.0.1"])
-        assert ping.returncode == 0, ping.stdout + ping.stderr
-        assert "3 received" in ping.stdout
-        port = 20000 + secrets.randbelow(20000)
-        sink = subprocess.Popen(["ip", "netns", "exec", world.world_ns, SANDBOX_PYTHON, "-c", SINK, str(port)],
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            assert sink.stdout.readline().strip() == "ready"
-            sent = ns.run([SANDBOX_PYTHON, "-c", SEND, str(port), str(TRANSFER)], timeout=120)
-            assert sent.returncode == 0, sent.stderr
-            received = sink.stdout.readline().split()
-        finally:
-            sink.kill()
-            sink.wait()
-        assert sent.stdout.split() == received and int(received[0]) == TRANSFER
+        ping_and_transfer(ns, world)
         show = sh(["wg", "show", iface, "transfer"]).stdout.split()
         assert int(show[1]) > 0 and int(show[2]) > TRANSFER  # rx, tx bytes through the tunnel
     finally:
@@ -124,20 +129,7 @@ def test_wireguard_engine_in_the_daemon(daemons, netns, world, wg_peer, tmp_path
         line = holder.stderr.readline().decode()
         assert "vpn: network configured (tun0, 10.99.0.2/24; engine wireguard)" in line, line
         assert ns.state() == {"links": ["lo", "tun0"], "nft": "", "tether_rules": []}
-        ping = ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.99.0.1"])
-        assert ping.returncode == 0 and "3 received" in ping.stdout, ping.stdout + ping.stderr
-        port = 20000 + secrets.randbelow(20000)
-        sink = subprocess.Popen(["ip", "netns", "exec", world.world_ns, SANDBOX_PYTHON, "-c", SINK, str(port)],
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            assert sink.stdout.readline().strip() == "ready"
-            sent = ns.run([SANDBOX_PYTHON, "-c", SEND, str(port), str(TRANSFER)], timeout=120)
-            assert sent.returncode == 0, sent.stderr
-            received = sink.stdout.readline().split()
-        finally:
-            sink.kill()
-            sink.wait()
-        assert sent.stdout.split() == received
+        ping_and_transfer(ns, world)
         row = next(r for r in daemon.admin_json("sessions") if r["name"] == "vpn")
         assert row["engine"] == "wireguard" and row["bytes_up"] > TRANSFER and row["connections"] == 1
         outside = ns.run([SANDBOX_PYTHON, "-c", "import socket\ntry:\n socket.create_connection(('203.0.113.10', 80),"

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 
 from tether import _sys
@@ -96,7 +97,6 @@ async def _serve(link: socket.socket, start: dict) -> int:
     from tether.engine.proxy.engine import DnsSettings, ProxyEngine
     from tether.runner import host_resolvers
 
-    loop = asyncio.get_running_loop()
     config = config_from_json(start["config"])
     fds = start["fds"]
     if config.engine == "wireguard":
@@ -110,16 +110,7 @@ async def _serve(link: socket.socket, start: dict) -> int:
     devnull = open(os.devnull, "w")
     audit = Audit(config.name, sink=None, stderr=devnull)
     link.setblocking(False)
-    dropped = [0]
-
-    def tell(message: dict) -> None:
-        try:
-            send_message(link, message)
-        except BlockingIOError:
-            dropped[0] += 1
-        except OSError:
-            pass
-
+    tell = _teller(link)
     audit.subscribers.append(lambda record: tell({"event": record}))
     sockets = NetnsSockets(fds["netns"])
     upstreams = [(a, 53) for a in config.dns] or host_resolvers()
@@ -130,6 +121,52 @@ async def _serve(link: socket.socket, start: dict) -> int:
                          link=sockets, families=tuple(f for f, on in ((4, config.ipv4), (6, config.ipv6)) if on),
                          connect_timeout=config.connect_timeout, udp_timeout=config.udp_timeout)
     engine.inbound.add([(Publish(**spec), socket.socket(fileno=fd)) for spec, fd in start.get("ports", [])])
+    try:
+        return await _run_engine(link, engine, lambda message: _answer(message, engine, config, host_addresses, tell),
+                                 tell)
+    finally:
+        sockets.close()
+        devnull.close()
+
+
+async def _serve_wireguard(link: socket.socket, config: ContainerConfig, tun: int) -> int:
+    """The WireGuard engine: its UDP socket bound here, in the daemon's netns; the tun from the
+    daemon.  No audit events (nothing is decided per connection); ``totals`` for ``sessions``."""
+    from tether.engine.wireguard.engine import WireGuardEngine
+    from tether.engine.wireguard.setup import prepare
+
+    sock, device = prepare(config.config).start()
+    engine = WireGuardEngine(tun, sock, device)
+    link.setblocking(False)
+    tell = _teller(link)
+
+    def answer(message: dict) -> None:
+        if message.get("op") == "totals":
+            tell({"id": message.get("id"), "result": engine.totals()})
+        else:
+            tell({"id": message.get("id"), "error": f"unknown op {message.get('op')!r} for the WireGuard engine"})
+
+    try:
+        return await _run_engine(link, engine, answer, tell)
+    finally:
+        sock.close()
+
+
+def _teller(link: socket.socket) -> Callable[[dict], None]:
+    """Send a message to the daemon; never block the engine (a message the daemon is too slow to
+    take is dropped), never fail (the daemon may be gone)."""
+    def tell(message: dict) -> None:
+        try:
+            send_message(link, message)
+        except OSError:
+            pass
+    return tell
+
+
+async def _run_engine(link: socket.socket, engine, answer: Callable[[dict], None], tell: Callable[[dict], None]) -> int:
+    """Serve ``engine`` until the daemon closes the link or SIGTERM; the daemon's requests go to
+    ``answer``."""
+    loop = asyncio.get_running_loop()
     done: asyncio.Future[int] = loop.create_future()
 
     def on_link() -> None:
@@ -143,7 +180,7 @@ async def _serve(link: socket.socket, start: dict) -> int:
                     done.set_result(0)  # the daemon is gone: so is its engine
                 return
             close_fds(extra)
-            _answer(message, engine, config, host_addresses, tell)
+            answer(message)
 
     loop.add_reader(link.fileno(), on_link)
     loop.add_signal_handler(signal.SIGTERM, lambda: done.done() or done.set_result(0))
@@ -154,54 +191,6 @@ async def _serve(link: socket.socket, start: dict) -> int:
     finally:
         engine.close()
         loop.remove_reader(link.fileno())
-        sockets.close()
-        devnull.close()
-
-
-async def _serve_wireguard(link: socket.socket, config: ContainerConfig, tun: int) -> int:
-    """The WireGuard engine: its UDP socket bound here, in the daemon's netns; the tun from the
-    daemon.  No audit events (nothing is decided per connection); ``totals`` for ``sessions``."""
-    from tether.engine.wireguard.engine import WireGuardEngine
-    from tether.engine.wireguard.setup import prepare
-
-    loop = asyncio.get_running_loop()
-    sock, device = prepare(config.config).start()
-    engine = WireGuardEngine(tun, sock, device)
-    link.setblocking(False)
-    done: asyncio.Future[int] = loop.create_future()
-
-    def tell(message: dict) -> None:
-        try:
-            send_message(link, message)
-        except OSError:
-            pass
-
-    def on_link() -> None:
-        while True:
-            try:
-                message, extra = receive_message(link, maxfds=0)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (EOFError, OSError, ValueError):
-                if not done.done():
-                    done.set_result(0)
-                return
-            close_fds(extra)
-            if message.get("op") == "totals":
-                tell({"id": message.get("id"), "result": engine.totals()})
-            else:
-                tell({"id": message.get("id"), "error": f"unknown op {message.get('op')!r} for the WireGuard engine"})
-
-    loop.add_reader(link.fileno(), on_link)
-    loop.add_signal_handler(signal.SIGTERM, lambda: done.done() or done.set_result(0))
-    engine.start()
-    tell({"ready": True})
-    try:
-        return await done
-    finally:
-        engine.close()
-        loop.remove_reader(link.fileno())
-        sock.close()
 
 
 def _answer(message: dict, engine, config: ContainerConfig, host_addresses, tell) -> None:
