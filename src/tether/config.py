@@ -63,6 +63,7 @@ from tether.errors import TetherError
 from tether.policy import RuleError, parse_rule
 from tether.publish import PublishError, parse_publish
 from tether.runtime import RuntimeDirError, check_name
+from tether.textfile import TextFileError, read_text
 
 MAX_CONFIG_BYTES: Final = 1 << 20  # a larger file is not a config file (and /dev/zero must not hang us)
 MAX_ID: Final = 2**32 - 2  # largest uid/gid; 2**32 - 1 is (uid_t)-1, "no change" to chown
@@ -168,13 +169,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate the config file at ``path``; ConfigError lists everything wrong with it."""
     name = os.fsdecode(path)
     try:
-        with open(name, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError([ConfigProblem(name, None, "", f"cannot read: {e.strerror or e}")]) from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError([ConfigProblem(name, None, "", f"larger than {MAX_CONFIG_BYTES} bytes: not a config file")])
-    return parse_config(_decode(data, name), name)
+        text = read_text(name, MAX_CONFIG_BYTES, "a config file")
+    except TextFileError as e:
+        raise ConfigError([ConfigProblem(name, e.line, "", e.message)]) from None
+    return parse_config(text, name)
 
 
 def parse_config(text: str, path: str = "<config>") -> Config:
@@ -215,15 +213,6 @@ def expand_command(command: tuple[str, ...], fd: int) -> list[str]:
 
 _TOML_POSITION = re.compile(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)$")
 _UNQUOTED_MODE = re.compile(r"\s*socket_mode\s*=\s*[0-9]")
-
-
-def _decode(data: bytes, path: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        message = f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason})"
-        raise ConfigError([ConfigProblem(path, line, "", message)]) from None
 
 
 def _syntax_problem(text: str, path: str, error: tomllib.TOMLDecodeError) -> ConfigProblem:

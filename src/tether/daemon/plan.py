@@ -12,7 +12,6 @@ import ipaddress
 from collections.abc import Callable, Iterable
 
 from tether.config import ContainerConfig
-from tether.engine.wireguard.conf import load_conf
 from tether.net.nft import Ruleset, SandboxNet, compile_ruleset
 from tether.ns.netsetup import ANYWHERE, NetPlan
 from tether.policy import Policy, build_policy, load_policy_file
@@ -46,8 +45,9 @@ def interface_name(config: ContainerConfig) -> str:
 
 
 def net_plan(config: ContainerConfig) -> NetPlan:
-    if config.engine == "wireguard":
+    if config.engine == "wireguard":  # imported here: proxy workers never load the WireGuard stack
         from tether.engine.wireguard import setup
+        from tether.engine.wireguard.conf import load_conf
 
         return setup.net_plan(load_conf(config.config))
     if config.engine == "external":

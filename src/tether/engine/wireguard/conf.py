@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, TypeVar
 
 from tether.errors import TetherError
+from tether.textfile import TextFileError, read_text
 
 from .keys import BadKey, SecretKey, check_key, decode_key, encode_key, public_key
 
@@ -184,17 +185,9 @@ def load_conf(path: str | os.PathLike[str]) -> WgConfig:
     """Read and parse the wg-quick file at ``path``; ConfError lists everything wrong with it."""
     name = os.fsdecode(path)
     try:
-        with open(name, "rb") as f:
-            data = f.read(MAX_CONF_BYTES + 1)
-    except OSError as e:
-        raise ConfError([ConfProblem(name, None, "", f"cannot read: {e.strerror or e}")]) from None
-    if len(data) > MAX_CONF_BYTES:
-        raise ConfError([ConfProblem(name, None, "", f"larger than {MAX_CONF_BYTES} bytes: not a wg-quick file")])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ConfError([ConfProblem(name, line, "", f"not UTF-8: byte 0x{data[e.start]:02x} ({e.reason})")]) from None
+        text = read_text(name, MAX_CONF_BYTES, "a wg-quick file")
+    except TextFileError as e:
+        raise ConfError([ConfProblem(name, e.line, "", e.message)]) from None
     return parse_conf(text, name)
 
 
