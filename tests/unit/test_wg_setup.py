@@ -1,0 +1,59 @@
+"""``tether run --wireguard``'s preparation: the sandbox's network plan and resolv.conf from a
+wg-quick file, and the refusals that happen before anything starts."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from tether.engine.wireguard import setup
+from tether.engine.wireguard.conf import parse_conf
+from tether.engine.wireguard.keys import encode_key, generate_private_key
+
+
+def conf_text(interface: str = "Address = 10.99.0.2/24, fd99::2/64\nDNS = 198.51.100.53, example.test\n",
+              allowed: str = "0.0.0.0/0, ::/0, 10.99.0.0/24") -> str:
+    return (f"[Interface]\nPrivateKey = {encode_key(generate_private_key())}\n{interface}\n[Peer]\n"
+            f"PublicKey = {encode_key(generate_private_key())}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = {allowed}\n")
+
+
+def test_plan_routes_every_allowed_prefix_into_tun0_without_capture():
+    plan = setup.net_plan(parse_conf(conf_text()))
+    assert plan.interface == "tun0" and plan.mtu == 1420 and not plan.capture and not plan.vnet_header
+    assert [str(a) for a in plan.addresses] == ["10.99.0.2/24", "fd99::2/64"]
+    assert plan.routes == [(ipaddress.ip_network("0.0.0.0/0"), None), (ipaddress.ip_network("::/0"), None),
+                           (ipaddress.ip_network("10.99.0.0/24"), None)]
+
+
+def test_resolv_conf_from_dns_lines_or_a_comment_without_them():
+    assert setup.resolv_conf(parse_conf(conf_text())) == "nameserver 198.51.100.53\nsearch example.test\n"
+    bare = setup.resolv_conf(parse_conf(conf_text("Address = 10.99.0.2/24\n")))
+    assert bare.startswith("#") and "nameserver" not in bare
+
+
+def test_a_file_without_address_is_refused(tmp_path):
+    path = tmp_path / "wg0.conf"
+    path.write_text(conf_text(""))
+    with pytest.raises(setup.WireGuardSetupError, match="has no Address"):
+        setup.prepare(str(path))
+
+
+def test_a_bad_file_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "wg0.conf"
+    path.write_text(conf_text("Address = 10.99.0.2/24\nTable = off\n"))
+    with pytest.raises(setup.WireGuardSetupError, match=r"wg0\.conf:4: .*Table"):
+        setup.prepare(str(path))
+
+
+def test_start_binds_a_socket_and_builds_the_device(tmp_path):
+    path = tmp_path / "wg0.conf"
+    path.write_text(conf_text())
+    prepared = setup.prepare(str(path))
+    sock, device = prepared.start()
+    try:
+        assert sock.getsockname()[1] > 0
+        (peer,) = device.show()["peers"]
+        assert peer["endpoint"] == "192.0.2.2:51820"
+    finally:
+        sock.close()
