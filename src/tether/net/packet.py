@@ -206,6 +206,9 @@ def _word_sum(data: bytes | bytearray | memoryview) -> int:
     sum of its words.  Reading CHECKSUM_CHUNK bytes at a time and adding keeps the final modulo on
     a small number, twice as fast as one 64 KiB integer.  The result is 0 only for all-zero data.
     """
+    size = len(data)
+    if size <= CHECKSUM_CHUNK and not size & 1:  # one packet's worth: a single integer
+        return int.from_bytes(data, "big")
     view = memoryview(data).cast("B")
     even = len(view) & ~1
     total = 0
