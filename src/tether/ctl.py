@@ -144,7 +144,10 @@ def render_sessions(rows: list[dict]) -> str:
 
 def render_wg(show: dict) -> str:
     """``wg show``'s layout: the interface, then each peer."""
-    lines = ["interface: tun0", f"  public key: {show.get('public_key', '?')}", ""]
+    lines = ["interface: tun0", f"  public key: {show.get('public_key', '?')}"]
+    if show.get("listen_port"):
+        lines.append(f"  listening port: {show['listen_port']}")
+    lines.append("")
     for peer in show.get("peers", []):
         handshake = peer.get("latest_handshake")
         when = f"{human_duration(max(0.0, time.time() - handshake))} ago" if handshake else "(none)"

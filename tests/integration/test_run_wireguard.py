@@ -134,6 +134,7 @@ def test_ctl_wg_show_reports_the_peer_without_secrets(tether, world, wg_peer, wo
         assert show["public_key"] == public
         human = tether.tool(["ctl", name, "wg", "show"]).stdout
         assert f"peer: {wg_peer['public']}" in human and "latest handshake:" in human and "ago" in human
+        assert f"  listening port: {show['listen_port']}" in human and show["listen_port"] > 0
         for text in (shown.stdout, human):
             assert private not in text
         status = tether.tool(["ps", "--json"])

@@ -43,3 +43,24 @@ def test_pubkey_refuses_bad_input_without_echoing_it(text):
     assert result.exit_code == 1 and "the private key on stdin" in result.output
     if len(text) > 3:
         assert text not in result.output
+
+
+def test_render_wg_lays_out_like_wg_show():
+    import time
+
+    from tether.ctl import render_wg
+
+    show = {"public_key": "PUB=", "listen_port": 40001, "peers": [
+        {"public_key": "PEER=", "endpoint": "192.0.2.2:51820", "allowed_ips": ["10.99.0.0/24", "fd99::/64"],
+         "latest_handshake": time.time() - 75, "rx_bytes": 2048, "tx_bytes": 0, "persistent_keepalive": 25},
+        {"public_key": "QUIET=", "endpoint": None, "allowed_ips": [], "latest_handshake": None}]}
+    text = render_wg(show)
+    lines = text.splitlines()
+    assert lines[:3] == ["interface: tun0", "  public key: PUB=", "  listening port: 40001"]
+    assert "peer: PEER=" in lines and "  endpoint: 192.0.2.2:51820" in lines
+    assert "  allowed ips: 10.99.0.0/24, fd99::/64" in lines
+    assert any(line.startswith("  latest handshake: 1m1") and line.endswith("s ago") for line in lines), text
+    assert "  persistent keepalive: every 25 seconds" in lines
+    quiet = lines[lines.index("peer: QUIET="):]
+    assert quiet[1:4] == ["  endpoint: (none)", "  allowed ips: (none)", "  latest handshake: (none)"]
+    assert "listening port" not in render_wg({"public_key": "PUB=", "peers": []})
