@@ -164,6 +164,11 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM = 0x01  # we complete partial checksums (reads may carry NEEDS_CSUM)
+TUN_F_TSO4 = 0x02  # reads may be TCP/IPv4 super packets we segment
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
 
 
 def open_tun(name: str, vnet_header: bool = False, packet_info: bool = False) -> int:
@@ -180,6 +185,12 @@ def open_tun(name: str, vnet_header: bool = False, packet_info: bool = False) ->
         os.close(fd)
         raise
     return fd
+
+
+def set_tun_offload(fd: int, flags: int) -> None:
+    """Tell the kernel which offloads the reader of a vnet-header tun performs (``TUN_F_*``):
+    with TSO it hands over whole TCP super packets instead of MTU-sized segments."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
 
 # --- sockets --------------------------------------------------------------------------------
@@ -264,16 +275,23 @@ def set_receive_buffer(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-def send_segmented(sock: socket.socket, datagrams: Sequence[bytes]) -> None:
-    """Send ``datagrams`` on a connected UDP socket with one syscall and one pass through the
-    stack: UDP GSO (``UDP_SEGMENT``).  All but the last must have the first one's size (see
+def send_segmented(sock: socket.socket, datagrams: Sequence[bytes], address: tuple | None = None) -> None:
+    """Send ``datagrams`` on a UDP socket (connected, or to ``address``) with one syscall and one
+    pass through the stack: UDP GSO (``UDP_SEGMENT``).  All but the last must have the first one's size (see
     ``tether.net.gso``).  EMSGSIZE/EINVAL/EIO mean this path cannot segment that size (a segment
     beyond the route's MTU, no checksum offload on the egress device): the caller falls back to
     one ``send`` per datagram."""
     if len(datagrams) == 1:
-        sock.send(datagrams[0])
+        if address is None:
+            sock.send(datagrams[0])
+        else:
+            sock.sendto(datagrams[0], address)
         return
-    sock.sendmsg([b"".join(datagrams)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(datagrams[0])))])
+    control = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(datagrams[0])))]
+    if address is None:
+        sock.sendmsg(datagrams, control)
+    else:
+        sock.sendmsg(datagrams, control, 0, address)
 
 
 def original_destination_of_datagram(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:

@@ -254,7 +254,7 @@ def run(opts: RunOptions) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     tunnel = None
     try:
-        tunnel = wireguard.start() if wireguard is not None else None  # (socket, device), in the host netns
+        tunnel = wireguard.start() if wireguard is not None else None  # its UDP socket in the host netns
         sandbox = spawn(spec)
     except TetherError as exc:  # SandboxError, or the tunnel's socket
         audit.close()
@@ -263,7 +263,7 @@ def run(opts: RunOptions) -> int:
         for _, sock in published:
             sock.close()
         if tunnel is not None:
-            tunnel[0].close()
+            tunnel.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         raise RunError(str(exc), exc.hint) from None
     finally:
@@ -280,10 +280,8 @@ def run(opts: RunOptions) -> int:
 
         link = HolderLink(sandbox.control)
         if wireguard is not None:
-            from tether.engine.wireguard.engine import WireGuardEngine
-
             assert tunnel is not None
-            engine = WireGuardEngine(sandbox.tun, *tunnel)
+            engine = tunnel.engine(sandbox.tun)
         else:
             from tether.engine.proxy.engine import DnsSettings, ProxyEngine
 
@@ -305,7 +303,7 @@ def run(opts: RunOptions) -> int:
         _reap(sandbox.holder_pid)
         sandbox.close()
         if tunnel is not None:
-            tunnel[0].close()
+            tunnel.close()
         audit.close()
         listener.close()
         claim.release()

@@ -10,9 +10,14 @@ import os
 import socket
 import struct
 
+import pytest
+
 from tether.engine.wireguard.device import Device, PeerSpec
-from tether.engine.wireguard.engine import WireGuardEngine, mapped, open_udp_socket, unmap
+from tether.engine.wireguard.engine import (WireGuardEngine, mapped, open_udp_socket, protocol_clock,
+                                            time_scale_from_environment, unmap)
 from tether.engine.wireguard.keys import generate_private_key, public_key
+from tether.net.packet import checksum
+from tether.net.tcpoffload import split_frame
 
 
 def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
@@ -36,25 +41,126 @@ def test_unmap_and_mapped():
         v4.close()
 
 
-def test_two_engines_carry_packets_both_ways_over_loopback():
-    async def main():
+def tcp_super_frame(src: str, dst: str, payload: bytes, mss: int) -> bytes:
+    """What a tun with TSO hands its reader: a virtio-net header (GSO TCPV4, NEEDS_CSUM) and one
+    IPv4/TCP packet carrying ``payload`` whole."""
+    tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1000, 1, 5 << 4, 0x18, 65535, 0, 0) + payload
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 7, 0x4000, 64, 6, 0,
+                         ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+    vnet = struct.pack("=BBHHHH", 1, 1, 40, mss, 20, 16)
+    return vnet + header + tcp
+
+
+def tcp_payloads(frames: list[bytes]) -> tuple[bytes, int]:
+    """The TCP data carried by tun frames read from the far side, and how many segments carried it;
+    every segment's IPv4 and TCP checksums must be right."""
+    data, segments = b"", 0
+    for frame in frames:
+        for packet in split_frame(frame):
+            assert checksum(packet[:20]) == 0
+            pseudo = packet[12:20] + struct.pack("!BBH", 0, 6, len(packet) - 20)
+            assert checksum(pseudo + packet[20:]) == 0
+            data += packet[20 + (packet[32] >> 4) * 4:]
+            segments += 1
+    return data, segments
+
+
+class Pair:
+    """Two engines over loopback UDP, each with a SOCK_DGRAM socketpair for a tun."""
+
+    addresses = ["10.99.0.1", "10.99.0.2"]
+
+    def __init__(self, vnet_header: bool = False):
         keys = [generate_private_key() for _ in range(2)]
-        socks = [open_udp_socket(None) for _ in range(2)]
-        ports = [s.getsockname()[1] for s in socks]
-        tuns = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]  # (engine end, app end)
-        addresses = ["10.99.0.1", "10.99.0.2"]
-        engines = []
+        self.socks = [open_udp_socket(None) for _ in range(2)]
+        self.ports = [s.getsockname()[1] for s in self.socks]
+        self.tuns = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]  # (engine, app)
+        self.engines = []
         for me, other in ((0, 1), (1, 0)):
-            device = Device(keys[me], [PeerSpec(public_key(keys[other]), endpoint=("127.0.0.1", ports[other]),
-                                                allowed_ips=(ipaddress.ip_network(f"{addresses[other]}/32"),))])
-            engines.append(WireGuardEngine(tuns[me][0].fileno(), socks[me], device))
+            device = Device(keys[me], [PeerSpec(public_key(keys[other]), endpoint=("127.0.0.1", self.ports[other]),
+                                                allowed_ips=(ipaddress.ip_network(f"{self.addresses[other]}/32"),))])
+            self.engines.append(WireGuardEngine(self.tuns[me][0].fileno(), self.socks[me], device,
+                                                vnet_header=vnet_header))
+        self.app = [pair[1] for pair in self.tuns]
+
+    def start(self) -> None:
+        for engine in self.engines:
+            engine.start()
+        for side in self.app:
+            side.setblocking(False)
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+        for sock in self.socks:
+            sock.close()
+        for pair in self.tuns:
+            for end in pair:
+                end.close()
+
+
+def test_tcp_super_packets_are_segmented_sent_with_gso_and_coalesced_on_the_far_side():
+    """vnet-header mode: a 64 KiB TSO frame from the sandbox leaves as MTU-sized datagrams (UDP GSO
+    on loopback: a few sendmsg calls) and reaches the other sandbox as few GSO frames again, every
+    segment with correct checksums and the data intact."""
+    async def main():
+        pair = Pair(vnet_header=True)
         loop = asyncio.get_running_loop()
         try:
-            for engine in engines:
-                engine.start()
-            app = [pair[1] for pair in tuns]
-            for side in app:
-                side.setblocking(False)
+            pair.start()
+            # a first packet to complete the handshake (staged packets go out one by one)
+            pair.app[0].send(bytes(10) + ipv4_packet(pair.addresses[0], pair.addresses[1], b"hello"))
+            first = await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535), 10)
+            assert first[10:].endswith(b"hello") and first[1] == 0  # a plain frame: no gso_type
+            payload = os.urandom(60000)
+            pair.app[0].send(tcp_super_frame(pair.addresses[0], pair.addresses[1], payload, 1360))
+            frames, got = [], b""
+            while len(got) < len(payload):
+                frames.append(await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535 + 10), 10))
+                got, segments = tcp_payloads(frames)
+            assert got == payload and segments == -(-len(payload) // 1360)
+            assert len(frames) < segments  # coalesced: fewer writes than segments
+            sender, receiver = pair.engines
+            assert sender.stats["gso_sends"] >= 1 and sender.gso
+            assert receiver.stats["gro_writes"] >= 1
+            assert sender.stats["tun_malformed"] == 0 and receiver.stats["tun_errors"] == 0
+            # a frame too short for its own virtio-net header is counted and dropped
+            pair.app[0].send(b"\x01\x01")
+            pair.app[0].send(bytes(10) + ipv4_packet(pair.addresses[0], pair.addresses[1], b"after"))
+            assert (await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535), 10)).endswith(b"after")
+            assert sender.stats["tun_malformed"] == 1
+        finally:
+            pair.close()
+
+    asyncio.run(main())
+
+
+def test_time_scale_from_the_environment():
+    assert time_scale_from_environment({}) == 1.0
+    assert time_scale_from_environment({"TETHER_WG_TEST_TIME_SCALE": " 60 "}) == 60.0
+    for bad in ("x", "0.99", "1001", "inf", "nan", "-1"):
+        with pytest.raises(ValueError, match="TETHER_WG_TEST_TIME_SCALE"):
+            time_scale_from_environment({"TETHER_WG_TEST_TIME_SCALE": bad})
+
+
+def test_protocol_clock_runs_at_its_scale():
+    import time
+
+    assert protocol_clock(1.0) is time.monotonic
+    fast = protocol_clock(50.0)
+    wall, start = time.monotonic(), fast()
+    time.sleep(0.04)
+    elapsed = fast() - start
+    assert 50 * 0.04 * 0.9 <= elapsed <= 50 * (time.monotonic() - wall) * 1.1
+
+
+def test_two_engines_carry_packets_both_ways_over_loopback():
+    async def main():
+        pair = Pair()
+        addresses, app = pair.addresses, pair.app
+        loop = asyncio.get_running_loop()
+        try:
+            pair.start()
             sent = ipv4_packet(addresses[0], addresses[1], b"through the tunnel")
             app[0].send(sent)  # the sandbox's packet, into tun 0
             received = await asyncio.wait_for(loop.sock_recv(app[1], 65535), 10)
@@ -66,19 +172,17 @@ def test_two_engines_carry_packets_both_ways_over_loopback():
             app[1].send(ipv4_packet("10.99.0.77", addresses[0], b"spoofed"))
             app[1].send(ipv4_packet(addresses[1], addresses[0], b"marker"))
             assert (await asyncio.wait_for(loop.sock_recv(app[0], 65535), 10)).endswith(b"marker")
-            shown = engines[0].show()["peers"][0]
-            assert shown["latest_handshake"] and shown["rx_bytes"] > 0 and shown["tx_bytes"] > 0
-            totals = engines[0].totals()
-            assert totals["connections"] == 1 and totals["bytes_up"] == shown["tx_bytes"]
-            assert engines[0].send_errors == 0 and engines[0].tun_errors == 0
+            engine = pair.engines[0]
+            shown = engine.show()
+            (peer,) = shown["peers"]
+            assert peer["latest_handshake"] and peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0
+            assert shown["listen_port"] == pair.ports[0] and shown["counters"]["handshakes_completed"] == 1
+            assert shown["io"]["tun_offload"] is False  # no vnet header asked for
+            totals = engine.totals()
+            assert totals["connections"] == 1 and totals["bytes_up"] == peer["tx_bytes"]
+            assert engine.stats["send_errors"] == 0 and engine.stats["tun_errors"] == 0
         finally:
-            for engine in engines:
-                engine.close()
-            for sock in socks:
-                sock.close()
-            for pair in tuns:
-                for end in pair:
-                    end.close()
+            pair.close()
 
     asyncio.run(main())
 

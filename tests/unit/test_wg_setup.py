@@ -4,6 +4,7 @@ wg-quick file, and the refusals that happen before anything starts."""
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 
@@ -20,7 +21,7 @@ def conf_text(interface: str = "Address = 10.99.0.2/24, fd99::2/64\nDNS = 198.51
 
 def test_plan_routes_every_allowed_prefix_into_tun0_without_capture():
     plan = setup.net_plan(parse_conf(conf_text()))
-    assert plan.interface == "tun0" and plan.mtu == 1420 and not plan.capture and not plan.vnet_header
+    assert plan.interface == "tun0" and plan.mtu == 1420 and not plan.capture and plan.vnet_header
     assert [str(a) for a in plan.addresses] == ["10.99.0.2/24", "fd99::2/64"]
     assert plan.routes == [(ipaddress.ip_network("0.0.0.0/0"), None), (ipaddress.ip_network("::/0"), None),
                            (ipaddress.ip_network("10.99.0.0/24"), None)]
@@ -50,10 +51,37 @@ def test_start_binds_a_socket_and_builds_the_device(tmp_path):
     path = tmp_path / "wg0.conf"
     path.write_text(conf_text())
     prepared = setup.prepare(str(path))
-    sock, device = prepared.start()
+    tunnel = prepared.start()
     try:
-        assert sock.getsockname()[1] > 0
-        (peer,) = device.show()["peers"]
+        assert tunnel.sock.getsockname()[1] > 0 and tunnel.time_scale == 1.0
+        (peer,) = tunnel.device.show()["peers"]
         assert peer["endpoint"] == "192.0.2.2:51820"
+        assert tunnel.plan.vnet_header  # the engine segments and coalesces TCP itself
+        engine = tunnel.engine(0)
+        assert engine.vnet_header and engine.sock is tunnel.sock and engine.device is tunnel.device
     finally:
-        sock.close()
+        tunnel.close()
+    assert tunnel.sock.fileno() == -1
+
+
+def test_the_test_time_scale_reaches_the_device_clock(tmp_path, monkeypatch):
+    path = tmp_path / "wg0.conf"
+    path.write_text(conf_text())
+    monkeypatch.setenv("TETHER_WG_TEST_TIME_SCALE", "100")
+    tunnel = setup.prepare(str(path)).start()
+    try:
+        before = tunnel.device.now()
+        time.sleep(0.05)
+        assert tunnel.device.now() - before >= 4.9  # 50 ms of wall time, 5 s of protocol time
+        assert tunnel.engine(0).time_scale == 100
+    finally:
+        tunnel.close()
+
+
+@pytest.mark.parametrize("value", ["fast", "0.5", "0", "-3", "1e9", "nan"])
+def test_a_bad_test_time_scale_is_refused(tmp_path, monkeypatch, value):
+    path = tmp_path / "wg0.conf"
+    path.write_text(conf_text())
+    monkeypatch.setenv("TETHER_WG_TEST_TIME_SCALE", value)
+    with pytest.raises(setup.WireGuardSetupError, match="TETHER_WG_TEST_TIME_SCALE"):
+        setup.prepare(str(path))

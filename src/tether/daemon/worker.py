@@ -132,11 +132,10 @@ async def _serve(link: socket.socket, start: dict) -> int:
 async def _serve_wireguard(link: socket.socket, config: ContainerConfig, tun: int) -> int:
     """The WireGuard engine: its UDP socket bound here, in the daemon's netns; the tun from the
     daemon.  No audit events (nothing is decided per connection); ``totals`` for ``sessions``."""
-    from tether.engine.wireguard.engine import WireGuardEngine
     from tether.engine.wireguard.setup import prepare
 
-    sock, device = prepare(config.config).start()
-    engine = WireGuardEngine(tun, sock, device)
+    tunnel = prepare(config.config).start()
+    engine = tunnel.engine(tun)
     link.setblocking(False)
     tell = _teller(link)
 
@@ -149,7 +148,7 @@ async def _serve_wireguard(link: socket.socket, config: ContainerConfig, tun: in
     try:
         return await _run_engine(link, engine, answer, tell)
     finally:
-        sock.close()
+        tunnel.close()
 
 
 def _teller(link: socket.socket) -> Callable[[dict], None]:

@@ -117,6 +117,7 @@ from tether.engine.wireguard.timers import (
 Address: TypeAlias = tuple  # a UDP address as the socket API gives it: (host, port[, ...])
 
 MAX_STAGED_PACKETS: Final = 128  # per peer, waiting for a session (wireguard-go's QueueStagedSize)
+SEND_BATCH: Final = 64  # staged packets of one tun batch sent before more are staged
 HANDSHAKE_LOAD_THRESHOLD: Final = 128  # handshake messages per second that mean "under load"
 UNDER_LOAD_AFTER: Final = 1.0  # seconds the device stays under load after the rate was exceeded
 _SIZES: Final = {kind: layout.minimum for kind, layout in noise.MESSAGES.items()}
@@ -178,6 +179,7 @@ class Counters:
     rx_bad_source: int = 0  # decrypted packet whose source is not in the sender's AllowedIPs
     cookie_replies_sent: int = 0  # handshake messages answered with a cookie (under load)
     handshakes_failed: int = 0  # our own initiation/response could not be made (bad peer key)
+    handshakes_completed: int = 0  # sessions confirmed, either side initiating (rekeys included)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,56 +350,70 @@ class Device:
         """An IP packet the sandbox sent into the tun: route it to a peer and send or stage it.
 
         ``packet`` must be ``bytes`` (or a buffer the caller never reuses): a staged packet is kept."""
-        if out is None:
-            out = Output()
-        size = len(packet)
-        version = packet[0] >> 4 if size else 0
-        if version == 4 and size >= _IPV4_HEADER_LEN:
-            destination = packet[16:20]
-        elif version == 6 and size >= _IPV6_HEADER_LEN:
-            destination = packet[24:40]
-        else:
-            self.counters.tun_malformed += 1
-            return out
-        peer = self._routes.lookup(destination)
-        if peer is None:
-            self.counters.tun_no_route += 1
-            return out
-        self._stage(peer, packet)
-        self._send_staged(peer, out)
-        return out
+        return self.tun_packets((packet,), out)
 
     def tun_packets(self, packets: Iterable[bytes], out: Output | None = None) -> Output:
-        """``tun_packet`` for a batch read from the tun."""
+        """``tun_packet`` for a batch read from the tun (a TCP super packet's segments, say): each
+        packet is routed (the previous packet's peer is reused for the same destination) and
+        staged, then each peer's queue is sent at once, with the timers told once per batch."""
         if out is None:
             out = Output()
+        counters, lookup = self.counters, self._routes.lookup
+        touched: list[Peer] = []
+        last_destination, peer = None, None
         for packet in packets:
-            self.tun_packet(packet, out)
+            size = len(packet)
+            version = packet[0] >> 4 if size else 0
+            if version == 4 and size >= _IPV4_HEADER_LEN:
+                destination = packet[16:20]
+            elif version == 6 and size >= _IPV6_HEADER_LEN:
+                destination = packet[24:40]
+            else:
+                counters.tun_malformed += 1
+                continue
+            if destination != last_destination:
+                last_destination, peer = destination, lookup(destination)
+            if peer is None:
+                counters.tun_no_route += 1
+                continue
+            self._stage(peer, packet)
+            if peer not in touched:
+                touched.append(peer)
+            elif len(peer.staged) >= SEND_BATCH:  # never let a long batch overflow the stage
+                self._send_staged(peer, out)
+        for peer in touched:
+            self._send_staged(peer, out)
         return out
 
     def udp_datagram(self, data: bytes, source: Address, out: Output | None = None) -> Output:
         """A datagram from the UDP socket, from ``source``: handshake, cookie or transport data."""
-        if out is None:
-            out = Output()
-        size = len(data)
-        kind = int.from_bytes(data[:4], "little") if size >= 4 else 0
-        expected = _SIZES.get(kind)
-        if expected is None or size < expected or (kind != MESSAGE_TRANSPORT and size != expected):
-            self.counters.rx_malformed += 1
-        elif kind == MESSAGE_TRANSPORT:
-            self._receive_transport(bytes(data), source, out)
-        elif kind == MESSAGE_COOKIE_REPLY:
-            self._receive_cookie_reply(bytes(data))
-        else:
-            self._receive_handshake(kind, bytes(data), source, out)
-        return out
+        return self.udp_datagrams(((data, source),), out)
 
     def udp_datagrams(self, datagrams: Iterable[tuple[bytes, Address]], out: Output | None = None) -> Output:
-        """``udp_datagram`` for a batch of (data, source) read from the socket."""
+        """``udp_datagram`` for a batch of (data, source) read from the socket.  Transport data is
+        decrypted and delivered in order; each peer's timers hear about the batch once at its end
+        (with the same effect as once per message: see ``_after_receiving``)."""
         if out is None:
             out = Output()
+        counters = self.counters
+        received: dict[Peer, int] = {}  # peer -> data messages among its authenticated ones
         for data, source in datagrams:
-            self.udp_datagram(data, source, out)
+            size = len(data)
+            kind = int.from_bytes(data[:4], "little") if size >= 4 else 0
+            expected = _SIZES.get(kind)
+            if expected is None or size < expected or (kind != MESSAGE_TRANSPORT and size != expected):
+                counters.rx_malformed += 1
+            elif kind == MESSAGE_TRANSPORT:
+                self._receive_transport(bytes(data), source, out, received)
+            else:
+                if received:  # a handshake message sees the timers as they are by now
+                    self._after_receiving(received, out)
+                if kind == MESSAGE_COOKIE_REPLY:
+                    self._receive_cookie_reply(bytes(data))
+                else:
+                    self._receive_handshake(kind, bytes(data), source, out)
+        if received:
+            self._after_receiving(received, out)
         return out
 
     def tick(self, out: Output | None = None) -> Output:
@@ -422,6 +438,10 @@ class Device:
                 elif isinstance(action, GiveUp):
                     self._flush_staged(peer)
         return out
+
+    def now(self) -> float:
+        """The device's clock: the shell turns ``next_deadline`` into a delay with it."""
+        return self._clock()
 
     def next_deadline(self) -> float | None:
         """When ``tick`` is next due (on ``clock``'s scale), or None when no timer is pending."""
@@ -631,7 +651,8 @@ class Device:
             return
         self.counters.rx_cookie_replies += 1
 
-    def _receive_transport(self, data: bytes, source: Address, out: Output) -> None:
+    def _receive_transport(self, data: bytes, source: Address, out: Output, received: dict[Peer, int]) -> None:
+        """Decrypt and deliver one transport message; ``received`` counts it for the timers."""
         counters = self.counters
         _, receiver, counter = TRANSPORT_HEADER.unpack_from(data)
         session = self._index.get(receiver)
@@ -657,20 +678,15 @@ class Device:
         peer = session.peer
         peer.rx_bytes += len(data)
         peer.endpoint = source
-        timers = peer.timers
         if session is peer.next:  # key confirmation: the responder's session goes live
             self._promote_next(peer)
             self._handshake_complete(peer)
             self._send_staged(peer, out)
-        current = peer.current
-        if current is not None and timers.keep_key_fresh_receiving(current.created, current.is_initiator):
-            self._send_initiation(peer, out)
-        timers.any_authenticated_packet_traversal()
-        timers.any_authenticated_packet_received()
         if not plaintext:
+            received.setdefault(peer, 0)
             counters.rx_keepalives += 1
             return
-        timers.data_received()
+        received[peer] = received.get(peer, 0) + 1
         packet = self._inner_packet(plaintext)
         if packet is None:
             counters.rx_inner_malformed += 1
@@ -680,6 +696,20 @@ class Device:
             counters.rx_bad_source += 1
             return
         out.packets.append(packet)
+
+    def _after_receiving(self, received: dict[Peer, int], out: Output) -> None:
+        """The timers' events for the authenticated transport messages of a batch, per peer (and
+        ``received`` emptied): as if told after each message - every event but ``data_received``
+        is idempotent within one instant, and ``data_received`` twice is what many are."""
+        for peer, data_messages in received.items():
+            timers, current = peer.timers, peer.current
+            if current is not None and timers.keep_key_fresh_receiving(current.created, current.is_initiator):
+                self._send_initiation(peer, out)
+            timers.any_authenticated_packet_traversal()
+            timers.any_authenticated_packet_received()
+            for _ in range(min(data_messages, 2)):
+                timers.data_received()
+        received.clear()
 
     @staticmethod
     def _inner_packet(plaintext: bytes) -> bytes | None:
@@ -724,6 +754,7 @@ class Device:
     def _handshake_complete(self, peer: Peer) -> None:
         peer.timers.handshake_complete()
         peer.latest_handshake = self._wallclock()
+        self.counters.handshakes_completed += 1
 
     def _drop_session(self, session: Session | None) -> None:
         if session is not None and self._index.get(session.local_index) is session:

@@ -4,7 +4,8 @@ Everything that must happen in the host's context happens here, before the sandb
 file is parsed (``conf``), peers' host names are resolved (the sandbox will have no resolver but
 the tunnel's), the tunnel's UDP socket is bound in the host netns (so the tunnel's own datagrams
 never enter the sandbox, rootless or not), and the sandbox's network is planned: ``tun0`` with the
-file's addresses and MTU, a route for every peer's AllowedIPs (``0.0.0.0/0`` and ``::/0`` become
+file's addresses and MTU (and a virtio-net header: the engine segments and coalesces TCP
+itself, see ``engine``), a route for every peer's AllowedIPs (``0.0.0.0/0`` and ``::/0`` become
 default routes), no capture rules - whatever the sandbox sends goes into the tunnel or nowhere
 (with no handshake, nowhere: a kill switch by construction) - and ``/etc/resolv.conf`` from the
 file's DNS lines.
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 
 from tether.engine.wireguard.conf import ConfError, WgConfig, load_conf
 from tether.engine.wireguard.device import Device
-from tether.engine.wireguard.engine import open_udp_socket
+from tether.engine.wireguard.engine import (WireGuardEngine, open_udp_socket, protocol_clock,
+                                            time_scale_from_environment)
 from tether.errors import TetherError
 from tether.ns.netsetup import NetPlan
 
@@ -30,14 +32,34 @@ class WireGuardSetupError(TetherError):
 
 
 @dataclass
+class Tunnel:
+    """The tunnel's host side before the sandbox's tun exists: its UDP socket (owned: ``close``)
+    and the device."""
+
+    sock: socket.socket
+    device: Device
+    plan: NetPlan
+    time_scale: float
+
+    def engine(self, tun: int) -> WireGuardEngine:
+        """The engine for the sandbox's ``tun`` (made from ``plan``)."""
+        return WireGuardEngine(tun, self.sock, self.device, vnet_header=self.plan.vnet_header,
+                               time_scale=self.time_scale)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
 class Prepared:
     path: str
     config: WgConfig
     plan: NetPlan
     resolv_conf: str
     endpoints: dict[bytes, tuple[str, int]]  # peers' host names, resolved
+    time_scale: float = 1.0  # tests only: TETHER_WG_TEST_TIME_SCALE
 
-    def start(self) -> tuple[socket.socket, Device]:
+    def start(self) -> Tunnel:
         """Bind the tunnel's UDP socket (in the caller's - the host's - netns) and build the device."""
         port = self.config.interface.listen_port
         try:
@@ -45,10 +67,11 @@ class Prepared:
         except OSError as exc:
             raise WireGuardSetupError(f"cannot bind the tunnel's UDP port {port or 0}: {exc.strerror or exc}") from None
         try:
-            return sock, Device.from_config(self.config, self.endpoints)
+            device = Device.from_config(self.config, self.endpoints, clock=protocol_clock(self.time_scale))
         except ValueError as exc:
             sock.close()
             raise WireGuardSetupError(f"{self.path}: {exc}") from None
+        return Tunnel(sock, device, self.plan, self.time_scale)
 
 
 def prepare(path: str) -> Prepared:
@@ -59,9 +82,13 @@ def prepare(path: str) -> Prepared:
     if not config.interface.addresses:
         raise WireGuardSetupError(f"{path}: [Interface] has no Address: the sandbox would have no address "
                                   "inside the tunnel")
+    try:
+        time_scale = time_scale_from_environment()
+    except ValueError as exc:
+        raise WireGuardSetupError(str(exc)) from None
     endpoints = {peer.public_key: _resolve(peer.endpoint.host, peer.endpoint.port)
                  for peer in config.peers if peer.endpoint is not None and peer.endpoint.address is None}
-    return Prepared(path, config, net_plan(config), resolv_conf(config), endpoints)
+    return Prepared(path, config, net_plan(config), resolv_conf(config), endpoints, time_scale)
 
 
 def net_plan(config: WgConfig) -> NetPlan:
@@ -70,7 +97,7 @@ def net_plan(config: WgConfig) -> NetPlan:
         for network in peer.allowed_ips:
             routes.append((ipaddress.ip_network(network), None))
     return NetPlan(INTERFACE, config.interface.mtu, list(config.interface.addresses), list(dict.fromkeys(routes)),
-                   capture=False, families=(), vnet_header=False)
+                   capture=False, families=(), vnet_header=True)
 
 
 def resolv_conf(config: WgConfig) -> str:
