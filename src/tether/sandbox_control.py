@@ -24,6 +24,9 @@ Methods (params -> result):
   (``bad-params``, or ``conflict`` when a host port cannot be bound); ``ports.rm`` ``{port:
   "[ADDR:]HOSTPORT[/udp]"}`` -> ``{"removed": [KEY...]}`` (``not-found``).  Live connections
   stay when their port is removed (UDP flows end: their replies would have no socket).
+* ``wg.show`` -> the WireGuard engine's ``wg show`` data (``conflict`` for other engines): the
+  interface's public key and listening port, each peer (public key, endpoint, allowed IPs, latest
+  handshake, bytes, persistent keepalive), the device's counters and the I/O shell's (``io``).
 * ``stop`` ``{timeout: float = 10}``: SIGTERM to CMD now, SIGKILL to the whole sandbox after
   ``timeout`` seconds if it is still running -> ``{"stopping": true, "timeout": T}``.
 """

@@ -496,6 +496,10 @@ def test_rekeys_during_a_bulk_transfer_lose_nothing(tether, rig, workdir, monkey
     assert rekeys >= 3, (rekeys, seconds, show["counters"])
     assert int(peer.show("latest-handshakes")[public]) > peer_first  # the peer took part in a later one
     assert show["counters"]["rx_auth_failed"] == 0 and show["counters"]["rx_replayed"] == 0, show["counters"]
+    # the batched paths carried it: TSO reads cut into segments, GSO sends, coalesced tun writes
+    io = show["io"]
+    assert io["tun_offload"] and io["udp_gso"] and io["gso_sends"] > 0 and io["gro_writes"] > 0, io
+    assert io["tun_malformed"] == 0 and io["send_errors"] == 0 and io["tun_errors"] == 0, io
 
 
 # --------------------------------------------------------------------------------------------

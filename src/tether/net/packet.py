@@ -199,6 +199,22 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
     return _complement(_word_sum(data))
 
 
+# Folding a packet-sized integer: x = hi * 2**k + lo is congruent to hi + lo when k is a multiple of
+# 16, and hi + lo is 0 only when x is.  Halving the integer twice before the final ``% 0xffff``
+# (a long division, ~1 ns per bit on 3.11) is cheaper than dividing it whole; the masks per size
+# are made once.
+_FOLD_FROM = 512
+_FOLDS: dict[int, tuple[int, int, int, int]] = {}
+
+
+def _folds(size: int) -> tuple[int, int, int, int]:
+    """Shift widths (multiples of 16 bits) and masks that halve a ``size``-byte integer twice."""
+    first = (size * 4) & ~15
+    second = (first // 2) & ~15
+    _FOLDS[size] = folds = (first, (1 << first) - 1, second, (1 << second) - 1)
+    return folds
+
+
 def _word_sum(data: bytes | bytearray | memoryview) -> int:
     """A number congruent to the sum of the big-endian 16-bit words of ``data`` modulo 0xffff.
 
@@ -208,7 +224,12 @@ def _word_sum(data: bytes | bytearray | memoryview) -> int:
     """
     size = len(data)
     if size <= CHECKSUM_CHUNK and not size & 1:  # one packet's worth: a single integer
-        return int.from_bytes(data, "big")
+        value = int.from_bytes(data, "big")
+        if size >= _FOLD_FROM:  # halved twice: shifts and masks are cheaper than a long division
+            first, first_mask, second, second_mask = _FOLDS.get(size) or _folds(size)
+            value = (value >> first) + (value & first_mask)
+            value = (value >> second) + (value & second_mask)
+        return value
     view = memoryview(data).cast("B")
     even = len(view) & ~1
     total = 0

@@ -17,6 +17,11 @@ and in the tables WireGuard sees (a ``/0`` default, a few ``/32``s and ``/24``s)
 it never depends on the number of peers or prefixes.  Inserting and removing are O(1) plus a sort of
 the short length list when a length appears or disappears.
 
+**Cache.**  The data path asks about the same few addresses over and over (one TCP flow's
+segments, its ACKs), so answers for address bytes are remembered in a dict (at most
+``CACHED_ADDRESSES``, emptied when full) that every change to the table empties: a probe instead of
+a dozen Python operations per packet.
+
 Each peer's own prefixes are indexed too, so ``remove_peer`` and ``entries`` cost O(that peer's
 prefixes), not a scan of the table.
 
@@ -84,6 +89,9 @@ class _Family(Generic[P]):
 _Prefix: TypeAlias = tuple[int, int, int]  # (IP version, prefix length, masked address as int)
 
 
+CACHED_ADDRESSES = 4096
+
+
 class AllowedIPs(Generic[P]):
     """A cryptokey routing table: prefixes (IPv4 and IPv6) to peers, looked up by longest match."""
 
@@ -97,6 +105,7 @@ class AllowedIPs(Generic[P]):
         prefix = _prefix(network)
         version, length, key = prefix
         old = self._families[version].put(length, key, peer)
+        self._cache.clear()
         if old is not None:
             self._forget(old, prefix)
         self._of_peer.setdefault(peer, set()).add(prefix)
@@ -109,20 +118,32 @@ class AllowedIPs(Generic[P]):
         if peer is not None:
             self._families[version].drop(length, key)
             self._forget(peer, prefix)
+            self._cache.clear()
         return peer
 
     def remove_peer(self, peer: P) -> None:
         """Unroute every prefix of ``peer`` (a peer that is not in the table is fine)."""
         for version, length, key in self._of_peer.pop(peer, ()):
             self._families[version].drop(length, key)
+        self._cache.clear()
 
     def lookup(self, address: AddressLike) -> P | None:
         """The peer whose prefix is the longest match for ``address``, or None."""
+        if type(address) is bytes:
+            try:
+                return self._cache[address]
+            except KeyError:
+                pass
         if isinstance(address, (bytes, bytearray, memoryview)):
             version = _VERSION_OF_LENGTH.get(len(address))
             if version is None:
                 raise ValueError(f"an IP address is 4 or 16 bytes, not {len(address)}")
-            return self._families[version].match(int.from_bytes(address, "big"))
+            peer = self._families[version].match(int.from_bytes(address, "big"))
+            if type(address) is bytes:
+                if len(self._cache) >= CACHED_ADDRESSES:
+                    self._cache.clear()
+                self._cache[address] = peer
+            return peer
         return self._families[address.version].match(int(address))
 
     def entries(self, peer: P) -> list[IPNetwork]:
@@ -137,6 +158,7 @@ class AllowedIPs(Generic[P]):
         """Remove every prefix of every peer."""
         self._families: dict[int, _Family[P]] = {v: _Family(bits) for v, bits in _BITS.items()}
         self._of_peer: dict[P, set[_Prefix]] = {}
+        self._cache: dict[bytes, P | None] = {}  # address bytes -> lookup's answer
 
     def __len__(self) -> int:
         return sum(len(prefixes) for prefixes in self._of_peer.values())
