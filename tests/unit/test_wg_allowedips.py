@@ -151,3 +151,33 @@ def test_matches_brute_force(operations: list, probes: list) -> None:  # type: i
     for peer in "abcd":
         assert table.entries(peer) == sorted((n for n, p in ref.items() if p == peer), key=lambda n: (n.version, n))
     assert len(table) == len(ref) and sorted(table.peers()) == sorted(set(ref.values()))
+
+
+def test_cached_answers_follow_every_change_to_the_table() -> None:
+    from tether.engine.wireguard.allowedips import CACHED_ADDRESSES
+
+    table: AllowedIPs[str] = AllowedIPs()
+    address = bytes([10, 0, 0, 5])
+    assert table.lookup(address) is None  # a cached "no peer"...
+    table.insert("10.0.0.0/8", "wide")
+    assert table.lookup(address) == "wide"  # ...forgotten on insert
+    table.insert("10.0.0.0/24", "narrow")
+    assert table.lookup(address) == "narrow"
+    table.insert("10.0.0.0/24", "moved")  # a prefix taken by another peer
+    assert table.lookup(address) == "moved"
+    assert table.remove("10.0.0.0/24") == "moved"
+    assert table.lookup(address) == "wide"
+    table.remove_peer("wide")
+    assert table.lookup(address) is None
+    table.insert("0.0.0.0/0", "default")
+    assert table.lookup(address) == "default"
+    table.clear()
+    assert table.lookup(address) is None
+    # the cache stays bounded, and answers stay right past its size
+    table.insert("0.0.0.0/0", "default")
+    table.insert("10.0.0.0/8", "wide")
+    for n in range(CACHED_ADDRESSES + 10):
+        assert table.lookup(n.to_bytes(4, "big")) == "default"
+        assert table.lookup(bytes([10]) + n.to_bytes(3, "big")) == "wide"
+    assert len(table._cache) <= CACHED_ADDRESSES
+    assert table.lookup(bytearray(address)) == "wide" and table.lookup(memoryview(address)) == "wide"
