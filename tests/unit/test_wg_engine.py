@@ -5,6 +5,7 @@ read and write, as a tun).  What goes into one "tun" comes out of the other, enc
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import socket
@@ -12,6 +13,7 @@ import struct
 
 import pytest
 
+from tether.engine.wireguard import engine as engine_module
 from tether.engine.wireguard.device import Device, PeerSpec
 from tether.engine.wireguard.engine import (WireGuardEngine, mapped, open_udp_socket, protocol_clock,
                                             time_scale_from_environment, unmap)
@@ -135,6 +137,54 @@ def test_tcp_super_packets_are_segmented_sent_with_gso_and_coalesced_on_the_far_
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("refusal", [errno.EIO, errno.EINVAL, errno.EMSGSIZE])
+def test_a_kernel_that_refuses_udp_gso_gets_the_same_datagrams_one_by_one(monkeypatch, refusal):
+    """EIO (no checksum offload on the route's device), EINVAL/EMSGSIZE (a segment bigger than the
+    route's MTU): GSO is turned off for good and the refused run goes out datagram by datagram."""
+    calls = []
+
+    def refuse(sock, datagrams, address=None):
+        calls.append(len(datagrams))
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(engine_module._sys, "send_segmented", refuse)
+
+    async def main():
+        pair = Pair(vnet_header=True)
+        loop = asyncio.get_running_loop()
+        try:
+            pair.start()
+            pair.app[0].send(bytes(10) + ipv4_packet(pair.addresses[0], pair.addresses[1], b"hello"))
+            await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535), 10)
+            payload = os.urandom(20000)
+            pair.app[0].send(tcp_super_frame(pair.addresses[0], pair.addresses[1], payload, 1360))
+            frames, got = [], b""
+            while len(got) < len(payload):
+                frames.append(await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535 + 10), 10))
+                got, _ = tcp_payloads(frames)
+            assert got == payload
+            sender = pair.engines[0]
+            assert calls == [15] and sender.gso is False and sender.stats["gso_sends"] == 0
+            assert sender.stats["send_errors"] == 0 and sender.show()["io"]["udp_gso"] is False
+        finally:
+            pair.close()
+
+    asyncio.run(main())
+
+
+def test_a_gso_send_lost_to_a_full_buffer_is_counted_and_gso_stays_on(monkeypatch):
+    """ENOBUFS/EAGAIN lose that run like any datagram (TCP resends); they say nothing about GSO."""
+    monkeypatch.setattr(engine_module._sys, "send_segmented",
+                        lambda sock, datagrams, address=None: (_ for _ in ()).throw(OSError(errno.ENOBUFS, "full")))
+    pair = Pair(vnet_header=True)
+    try:
+        sender = pair.engines[0]
+        sender._send_run([b"a" * 100, b"b" * 100], ("127.0.0.1", pair.ports[1]))
+        assert sender.stats["send_errors"] == 1 and sender.gso is True
+    finally:
+        pair.close()
+
+
 def test_time_scale_from_the_environment():
     assert time_scale_from_environment({}) == 1.0
     assert time_scale_from_environment({"TETHER_WG_TEST_TIME_SCALE": " 60 "}) == 60.0
@@ -196,3 +246,64 @@ def test_open_udp_socket_is_dual_stack_and_nonblocking():
         assert os.get_inheritable(sock.fileno()) is False
     finally:
         sock.close()
+
+
+class ClockDevice:
+    """Just enough of a Device to watch the engine's timer: a deadline the test moves, and the
+    ticks the engine makes."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.monotonic
+        self.deadline: float | None = None
+        self.after_due: float | None = None  # the deadline once the current one has been ticked
+        self.ticks: list[float] = []
+
+    def now(self) -> float:
+        return self.clock()
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def tick(self, out):
+        now = self.clock()
+        self.ticks.append(now)
+        if self.deadline is not None and self.deadline <= now:
+            self.deadline = self.after_due
+        return out
+
+
+def test_the_timer_is_kept_when_deadlines_move_later_and_moved_when_they_come_sooner():
+    async def main():
+        device = ClockDevice()
+        sock = open_udp_socket(None)
+        tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        engine = WireGuardEngine(tun[0].fileno(), sock, device)
+        try:
+            engine.start()  # one tick at start, no deadline: no timer
+            assert len(device.ticks) == 1 and engine._timer is None
+            start = device.now()
+            device.deadline = start + 0.3
+            engine._arm()
+            first = engine._timer
+            device.deadline = start + 5.0  # later: the armed timer stays (it will fire early)
+            engine._arm()
+            assert engine._timer is first
+            device.deadline = start + 0.05  # sooner: moved
+            device.after_due = start + 5.0
+            engine._arm()
+            assert engine._timer is not first
+            await asyncio.sleep(0.15)
+            assert len(device.ticks) == 2 and device.ticks[1] - start >= 0.045  # fired at the sooner one
+            # the device said 0.05 was due and now wants 5 s later; the early timer re-armed for it
+            assert engine._timer is not None and engine._timer_deadline == start + 5.0
+            device.deadline = None
+        finally:
+            engine.close()
+            sock.close()
+            for end in tun:
+                end.close()
+        assert engine._timer is None
+
+    asyncio.run(main())

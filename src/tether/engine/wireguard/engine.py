@@ -52,6 +52,7 @@ READS_PER_WAKEUP = 256  # reads per readiness callback: then other fds get their
 FLUSH_EVERY = 64  # datagrams or packets collected before they are sent or written
 MAX_PACKET = 65535
 MAX_FRAME = VNET_HDR_LEN + MAX_PACKET
+MAX_ENDPOINTS = 256  # sendto addresses kept (a tunnel has one per peer, more only when peers roam)
 SOCKET_BUFFER = 4 << 20  # room for bursts while the engine is busy decrypting
 TUN_OFFLOADS = _sys.TUN_F_CSUM | _sys.TUN_F_TSO4 | _sys.TUN_F_TSO6 | _sys.TUN_F_TSO_ECN
 GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
@@ -133,6 +134,8 @@ class WireGuardEngine:
         self._out = Output()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline = 0.0  # the device-clock deadline _timer was set for
+        self._addresses: dict[tuple[str, int], tuple[str, int]] = {}  # endpoint -> sendto address
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -233,13 +236,17 @@ class WireGuardEngine:
 
     def _send(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
         """Each stretch of datagrams to one endpoint as GSO runs (or one by one)."""
-        sock, count, first = self.sock, len(datagrams), 0
+        count, first = len(datagrams), 0
+        if count == 1:  # a handshake, a keepalive, an echo: no grouping
+            data, endpoint = datagrams[0]
+            self._send_one(data, self._socket_address(endpoint))
+            return
         while first < count:
             endpoint = datagrams[first][1]
             end = first + 1
             while end < count and datagrams[end][1] == endpoint:
                 end += 1
-            address = (mapped(sock, endpoint[0]), endpoint[1])
+            address = self._socket_address(endpoint)
             payloads = [data for data, _ in datagrams[first:end]]
             if self.gso and len(payloads) > 1:
                 for run in runs(payloads, MAX_BYTES):
@@ -248,6 +255,16 @@ class WireGuardEngine:
                 for data in payloads:
                     self._send_one(data, address)
             first = end
+
+    def _socket_address(self, endpoint: tuple[str, int]) -> tuple[str, int]:
+        """The ``sendto`` address of a device endpoint (v4-mapped on a dual-stack socket), kept
+        for the few endpoints a tunnel has (emptied if roaming ever makes it many)."""
+        address = self._addresses.get(endpoint)
+        if address is None:
+            if len(self._addresses) >= MAX_ENDPOINTS:
+                self._addresses.clear()
+            address = self._addresses[endpoint] = (mapped(self.sock, endpoint[0]), endpoint[1])
+        return address
 
     def _send_run(self, run: list[bytes], address: tuple[str, int]) -> None:
         if len(run) == 1 or not self.gso:
@@ -291,15 +308,21 @@ class WireGuardEngine:
                     stats["tun_errors"] += 1
 
     def _arm(self) -> None:
+        """Have ``_on_timer`` run by the device's next deadline.  A timer already due no later is
+        kept: most bursts push deadlines back (a keepalive, a rekey check), and a timer that
+        fires early only finds nothing due and re-arms - cheaper than re-arming after every burst."""
         if self._loop is None:
             return
         deadline = self.device.next_deadline()
+        if deadline is None:
+            return  # a pending timer fires, finds nothing due, and is not re-armed
         if self._timer is not None:
+            if self._timer_deadline <= deadline:
+                return
             self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            delay = max(0.0, (deadline - self.device.now()) / self.time_scale)
-            self._timer = self._loop.call_later(delay, self._on_timer)
+        delay = max(0.0, (deadline - self.device.now()) / self.time_scale)
+        self._timer_deadline = deadline
+        self._timer = self._loop.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
