@@ -34,6 +34,13 @@ def runs(datagrams: Sequence[bytes], max_segment: int, max_segments: int = MAX_S
     """Split ``datagrams`` (in order) into runs the kernel can segment: see the module docstring."""
     if max_segments < 1 or max_bytes < 1:
         raise ValueError("max_segments and max_bytes must be positive")
+    count = len(datagrams)
+    if 1 < count <= max_segments:  # the usual batch, one run: checked with C-level loops only
+        sizes = list(map(len, datagrams))
+        first = sizes[0]
+        if (0 < first <= max_segment and sizes[-1] <= first and sum(sizes) <= max_bytes
+                and min(sizes[:-1]) == first == max(sizes[:-1]) and sizes[-1] > 0):
+            return [list(datagrams)]
     out: list[list[bytes]] = []
     current: list[bytes] = []
     size = total = 0

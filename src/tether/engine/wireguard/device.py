@@ -376,10 +376,14 @@ class Device:
             if peer is None:
                 counters.tun_no_route += 1
                 continue
-            self._stage(peer, packet)
+            staged = peer.staged
+            if len(staged) >= MAX_STAGED_PACKETS:  # _stage, inline: this runs for every packet
+                staged.popleft()
+                counters.staged_dropped += 1
+            staged.append(packet)
             if peer not in touched:
                 touched.append(peer)
-            elif len(peer.staged) >= SEND_BATCH:  # never let a long batch overflow the stage
+            elif len(staged) >= SEND_BATCH:  # never let a long batch overflow the stage
                 self._send_staged(peer, out)
         for peer in touched:
             self._send_staged(peer, out)
@@ -500,35 +504,34 @@ class Device:
             if peer.timers.want_handshake():
                 self._send_initiation(peer, out)
             return
-        endpoint = peer.endpoint
-        seal = session.keypair.send_cipher.seal
-        pack = TRANSPORT_HEADER.pack
-        remote = session.keypair.remote_index
-        mtu = self.mtu
-        datagrams = out.datagrams
-        data_sent = sent_any = False
-        sent_bytes = 0
-        while staged:
-            counter = session.send_counter
-            if counter >= REJECT_AFTER_MESSAGES:  # exhausted mid-batch: wait for a new session
-                if peer.timers.want_handshake():
-                    self._send_initiation(peer, out)
-                break
-            packet = staged.popleft()
-            session.send_counter = counter + 1
-            sent_any = True
-            if packet:
+        counter = session.send_counter
+        count = max(0, min(len(staged), REJECT_AFTER_MESSAGES - counter))
+        exhausted = count < len(staged)  # the session's counter runs out within this batch
+        plaintexts = []
+        data_sent, mtu, popleft = False, self.mtu, staged.popleft
+        for _ in range(count):
+            packet = popleft()
+            size = len(packet)
+            if size:
                 data_sent = True
-                size = len(packet)
-                padded = min(size + (-size % _PADDING), mtu)
-                if padded > size:  # pad16 within the MTU, one concatenation
-                    packet = packet + _ZEROS[: padded - size]
-            message = pack(MESSAGE_TRANSPORT, remote, counter) + seal(counter, packet)
+                pad = -size % _PADDING
+                if pad and size < mtu:  # pad16 within the MTU, one concatenation
+                    packet += _ZEROS[: min(pad, mtu - size)]
+            plaintexts.append(packet)
+        sent_any = count > 0
+        if sent_any:
+            session.send_counter = counter + count
+            header = TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, session.keypair.remote_index, 0)[:8]
+            messages = session.keypair.send_cipher.seal_messages(header, counter, plaintexts)
+            endpoint = peer.endpoint
             if endpoint is None:
-                self.counters.no_endpoint += 1
+                self.counters.no_endpoint += count
+                sent_bytes = 0
             else:
-                datagrams.append((message, endpoint))
-                sent_bytes += len(message)
+                out.datagrams.extend([(message, endpoint) for message in messages])
+                sent_bytes = sum(map(len, messages))
+        if exhausted and peer.timers.want_handshake():  # wait for a new session
+            self._send_initiation(peer, out)
         if not sent_any:
             return
         peer.tx_bytes += sent_bytes
