@@ -11,6 +11,8 @@ above p) that every X25519 implementation's low-order blacklist lists.
 from __future__ import annotations
 
 import hashlib
+import os
+import struct
 
 import pytest
 from hypothesis import given
@@ -263,3 +265,17 @@ def test_tai64n_orders_like_time(a: int, b: int) -> None:
 def test_tai64n_default_is_now() -> None:
     assert len(crypto.tai64n()) == crypto.TIMESTAMP_LEN
     assert crypto.tai64n() >= crypto.tai64n(0)
+
+
+def test_seal_messages_is_header_counter_and_seal_for_consecutive_counters():
+    cipher = crypto.Cipher(os.urandom(32))
+    header = struct.pack("<II", 4, 0x01020304)
+    plaintexts = [b"", b"x" * 16, os.urandom(1420)]
+    first = 2**64 - 3  # the last three counters a key may use
+    messages = cipher.seal_messages(header, first, plaintexts)
+    assert len(messages) == 3
+    for offset, (message, plaintext) in enumerate(zip(messages, plaintexts)):
+        counter = first + offset
+        assert message == header + struct.pack("<Q", counter) + cipher.seal(counter, plaintext)
+        assert cipher.open(counter, message[16:]) == plaintext
+    assert cipher.seal_messages(header, 0, []) == []
