@@ -383,6 +383,18 @@ def write_conf(tether, path: Path, private: str, addresses: str, peers: list[dic
     return path
 
 
+def one_peer(tether, rig: Rig, workdir: Path, keepalive: int | None = None) -> tuple[WgGoPeer, str, Path]:
+    """The usual scene: one wireguard-go peer (10.99.0.1/24 on PORT1) that allows our 10.99.0.2,
+    PEER_SERVER on 10.99.0.1, and our wg-quick file for it.  Returns (peer, our public key, file)."""
+    peer = rig.peer()
+    private, public = wg_genkey()
+    conf = write_conf(tether, workdir / "wg0.conf", private, "10.99.0.2/24",
+                      [{"public": peer.public, "allowed": "10.99.0.0/24", "port": PORT1, "keepalive": keepalive}])
+    peer.set_peer(public, "10.99.0.2/32")
+    rig.server(["10.99.0.1"])
+    return peer, public, conf
+
+
 class Agent:
     """AGENT running in a ``tether run --name NAME --wireguard CONF`` sandbox."""
 
@@ -433,12 +445,7 @@ def test_tcp_bulk_both_ways_with_sha256(tether, rig, workdir):
     fresh random data each way, sha256 checked at both ends; wireguard-go's counters saw it all.
     Measured on the 2-core VM: 250-470 Mbit/s each way (~5-9 s per direction, 10-15 s per mode);
     the rates are printed (pytest -s)."""
-    peer = rig.peer()
-    private, public = wg_genkey()
-    conf = write_conf(tether, workdir / "wg0.conf", private, "10.99.0.2/24",
-                      [{"public": peer.public, "allowed": "10.99.0.0/24", "port": PORT1}])
-    peer.set_peer(public, "10.99.0.2/32")
-    rig.server(["10.99.0.1"])
+    peer, public, conf = one_peer(tether, rig, workdir)
     out, r = tether.python_json(BULK_CLIENT, "10.99.0.1", SERVICE_PORT, BULK, opts=["--wireguard", str(conf)],
                                 timeout=180)
     up, down = out["up"], out["down"]
@@ -469,15 +476,11 @@ def test_rekeys_during_a_bulk_transfer_lose_nothing(tether, rig, workdir, monkey
     """wireguard-go's timers cannot be shortened, ours can: TETHER_WG_TEST_TIME_SCALE (a test-only
     knob) makes our protocol clock run 240 times faster, so our side, the initiator, must rekey
     every 0.5 s of a 128 MiB transfer each way (REKEY_AFTER_TIME on sending; REJECT_AFTER_TIME,
-    0.75 s here, would cut the tunnel if a rekey failed; measured: 2.5-3 s of transfer).  The data arrives whole both ways (sha256),
-    several handshakes completed during it, and the peer saw each one."""
+    0.75 s here, would cut the tunnel if a rekey failed; measured: 2.5-3 s of transfer).  The data
+    arrives whole both ways (sha256), several handshakes completed during it, and the peer saw
+    each one."""
     monkeypatch.setenv("TETHER_WG_TEST_TIME_SCALE", str(REKEY_SCALE))
-    peer = rig.peer()
-    private, public = wg_genkey()
-    conf = write_conf(tether, workdir / "wg0.conf", private, "10.99.0.2/24",
-                      [{"public": peer.public, "allowed": "10.99.0.0/24", "port": PORT1}])
-    peer.set_peer(public, "10.99.0.2/32")
-    rig.server(["10.99.0.1"])
+    peer, public, conf = one_peer(tether, rig, workdir)
     with agent(tether, conf) as a:
         assert a(PING, host="10.99.0.1", count=1, wait=5)["rc"] == 0
         before = a.show()["counters"]["handshakes_completed"]
@@ -513,12 +516,7 @@ def test_udp_echo_through_the_tunnel(tether, rig, workdir):
     1420 B packet), then sizes the sandbox's kernel fragments (each fragment its own tunnel packet,
     reassembled by the world's kernel). The sandbox's path MTU is the tunnel's, and a DF datagram one
     byte too big is refused locally (EMSGSIZE)."""
-    peer = rig.peer()
-    private, public = wg_genkey()
-    conf = write_conf(tether, workdir / "wg0.conf", private, "10.99.0.2/24",
-                      [{"public": peer.public, "allowed": "10.99.0.0/24", "port": PORT1}])
-    peer.set_peer(public, "10.99.0.2/32")
-    rig.server(["10.99.0.1"])
+    peer, public, conf = one_peer(tether, rig, workdir)
     sizes = [1, 64, 512, 1024, V4_MAX_UDP - 1, V4_MAX_UDP, V4_MAX_UDP + 1, 8000, 65507]
     with agent(tether, conf) as a:
         out = a(UDP_ECHO, host="10.99.0.1", port=SERVICE_PORT, sizes=sizes)
@@ -574,12 +572,7 @@ def test_peer_restart_rehandshake(tether, rig, workdir, initiator):
     * peer: the peer gets our endpoint and a persistent keepalive, so it initiates at once; our
       side answers while still holding the old session, and switches to the new one on the peer's
       first transport message: traffic resumes within a few seconds."""
-    peer = rig.peer()
-    private, public = wg_genkey()
-    conf = write_conf(tether, workdir / "wg0.conf", private, "10.99.0.2/24",
-                      [{"public": peer.public, "allowed": "10.99.0.0/24", "port": PORT1, "keepalive": 5}])
-    peer.set_peer(public, "10.99.0.2/32")
-    rig.server(["10.99.0.1"])
+    peer, public, conf = one_peer(tether, rig, workdir, keepalive=5)
     with agent(tether, conf) as a:
         assert a(PING, host="10.99.0.1", count=1, wait=5)["rc"] == 0
         first = a.show()["peers"][0]["latest_handshake"]
@@ -618,12 +611,7 @@ def test_peer_roams_to_a_new_address_and_port(tether, rig, workdir):
     sandbox only gets its replies if our engine took the new endpoint from the authenticated packet
     and replied there (the old port is closed); ``ctl wg show`` shows the new endpoint, and the
     sandbox's own traffic keeps flowing."""
-    peer = rig.peer()
-    private, public = wg_genkey()
-    conf = write_conf(tether, workdir / "wg0.conf", private, "10.99.0.2/24",
-                      [{"public": peer.public, "allowed": "10.99.0.0/24", "port": PORT1}])
-    peer.set_peer(public, "10.99.0.2/32")
-    rig.server(["10.99.0.1"])
+    peer, public, conf = one_peer(tether, rig, workdir)
     with agent(tether, conf) as a:
         assert a(PING, host="10.99.0.1", count=1, wait=5)["rc"] == 0
         assert a.show()["peers"][0]["endpoint"] == f"{WORLD_VETH_ADDR}:{PORT1}"

@@ -91,6 +91,22 @@ class Pair:
         for side in self.app:
             side.setblocking(False)
 
+    async def packet(self, text: bytes) -> bytes:
+        """A small packet into tun 0 (vnet framing); what tun 1 reads."""
+        self.app[0].send(bytes(10) + ipv4_packet(self.addresses[0], self.addresses[1], text))
+        return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.app[1], 65535), 10)
+
+    async def tcp_through(self, payload: bytes, mss: int) -> tuple[list[bytes], int]:
+        """``payload`` as one TSO frame into tun 0; the frames tun 1 reads until it all arrived
+        (checked whole), and how many segments carried it."""
+        self.app[0].send(tcp_super_frame(self.addresses[0], self.addresses[1], payload, mss))
+        frames, got, segments = [], b"", 0
+        while len(got) < len(payload):
+            frames.append(await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.app[1], 65535 + 10), 10))
+            got, segments = tcp_payloads(frames)
+        assert got == payload
+        return frames, segments
+
     def close(self) -> None:
         for engine in self.engines:
             engine.close()
@@ -107,20 +123,13 @@ def test_tcp_super_packets_are_segmented_sent_with_gso_and_coalesced_on_the_far_
     segment with correct checksums and the data intact."""
     async def main():
         pair = Pair(vnet_header=True)
-        loop = asyncio.get_running_loop()
         try:
             pair.start()
             # a first packet to complete the handshake (staged packets go out one by one)
-            pair.app[0].send(bytes(10) + ipv4_packet(pair.addresses[0], pair.addresses[1], b"hello"))
-            first = await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535), 10)
+            first = await pair.packet(b"hello")
             assert first[10:].endswith(b"hello") and first[1] == 0  # a plain frame: no gso_type
-            payload = os.urandom(60000)
-            pair.app[0].send(tcp_super_frame(pair.addresses[0], pair.addresses[1], payload, 1360))
-            frames, got = [], b""
-            while len(got) < len(payload):
-                frames.append(await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535 + 10), 10))
-                got, segments = tcp_payloads(frames)
-            assert got == payload and segments == -(-len(payload) // 1360)
+            frames, segments = await pair.tcp_through(os.urandom(60000), 1360)
+            assert segments == -(-60000 // 1360)
             assert len(frames) < segments  # coalesced: fewer writes than segments
             sender, receiver = pair.engines
             assert sender.stats["gso_sends"] >= 1 and sender.gso
@@ -128,8 +137,7 @@ def test_tcp_super_packets_are_segmented_sent_with_gso_and_coalesced_on_the_far_
             assert sender.stats["tun_malformed"] == 0 and receiver.stats["tun_errors"] == 0
             # a frame too short for its own virtio-net header is counted and dropped
             pair.app[0].send(b"\x01\x01")
-            pair.app[0].send(bytes(10) + ipv4_packet(pair.addresses[0], pair.addresses[1], b"after"))
-            assert (await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535), 10)).endswith(b"after")
+            assert (await pair.packet(b"after")).endswith(b"after")
             assert sender.stats["tun_malformed"] == 1
         finally:
             pair.close()
@@ -151,18 +159,10 @@ def test_a_kernel_that_refuses_udp_gso_gets_the_same_datagrams_one_by_one(monkey
 
     async def main():
         pair = Pair(vnet_header=True)
-        loop = asyncio.get_running_loop()
         try:
             pair.start()
-            pair.app[0].send(bytes(10) + ipv4_packet(pair.addresses[0], pair.addresses[1], b"hello"))
-            await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535), 10)
-            payload = os.urandom(20000)
-            pair.app[0].send(tcp_super_frame(pair.addresses[0], pair.addresses[1], payload, 1360))
-            frames, got = [], b""
-            while len(got) < len(payload):
-                frames.append(await asyncio.wait_for(loop.sock_recv(pair.app[1], 65535 + 10), 10))
-                got, _ = tcp_payloads(frames)
-            assert got == payload
+            await pair.packet(b"hello")
+            await pair.tcp_through(os.urandom(20000), 1360)
             sender = pair.engines[0]
             assert calls == [15] and sender.gso is False and sender.stats["gso_sends"] == 0
             assert sender.stats["send_errors"] == 0 and sender.show()["io"]["udp_gso"] is False
