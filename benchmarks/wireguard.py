@@ -243,12 +243,14 @@ class Bench:
         pub = self.teth_pub if which == "tether" else self.ref_pub
         R.sh(["wg", "set", self.peer_if, "peer", pub, "allowed-ips", f"{CLIENT_TUN}/32"])
 
-    def start_tether(self) -> None:
+    def start_tether(self, env: dict[str, str] | None = None) -> None:
+        """``tether run --wireguard`` holding a Python that waits on stdin; ``env`` is added to
+        the user's environment (``TETHER_WG_OFFLOADS`` for the ablation)."""
         self.select_peer("tether")
         argv = (R.in_ns(self.host) + self.user.prefix() + [str(REPO / ".venv" / "bin" / "tether"), "run",
                 "--name", f"wgbench-{self.id}", "--wireguard", str(self.conf), "--", R.SYS_PY, "-c", HOLD_PROG])
         p = REAPER.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=self.user.env, cwd="/")
+                         env={**self.user.env, **(env or {})}, cwd="/")
         self.tether_proc = p
         if R.readline_timeout(p, 30) != "ready":
             raise R.BenchError("tether run did not start")
@@ -268,6 +270,17 @@ class Bench:
                 self.tether_tree.append(open(f"/proc/{pid}/comm").read().strip())
             except OSError:
                 pass
+
+    def stop_tether(self) -> None:
+        """End the run cleanly (EOF on the held Python's stdin); killed after 10 s."""
+        p, self.tether_proc, self.sandbox_pid = self.tether_proc, None, None
+        if p is None:
+            return
+        try:
+            p.stdin.close()
+            p.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            REAPER.stop(p)
 
     # -- wrappers ----------------------------------------------------------------------------------
     def wrap(self, which: str, argv: list[str]) -> list[str]:
@@ -416,13 +429,94 @@ def plot(res: dict, path: Path) -> str | None:
     return None
 
 
+ABLATION = [("all three", "tso,gso,gro"), ("no TSO", "gso,gro"), ("no GSO", "tso,gro"), ("no GRO", "tso,gso"),
+            ("none", "none")]
+
+
+def ablation(args) -> int:
+    """tether alone, restarted once per TETHER_WG_OFFLOADS setting, on the usual topology: iperf3
+    both ways, medians, CPU per Gbit.  Settings round-robin per repeat, so drift hits them alike."""
+    b = Bench(args)
+    atexit.register(b.cleanup)
+    now = dt.datetime.now(dt.UTC)
+    res = {"schema": 1, "kind": "ablation", "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": args.quick,
+           "params": {"duration": args.duration, "omit": args.omit, "repeats": args.repeats, "mtu": MTU,
+                      "tether_as_user": args.as_user},
+           "machine": {"kernel": os.uname().release, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()},
+           "runs": {label: {"up": [], "down": []} for label, _ in ABLATION}}
+    try:
+        log(f"building topology {b.id}")
+        b.build()
+        for rep in range(args.repeats):
+            for label, offloads in ABLATION:
+                b.start_tether({"TETHER_WG_OFFLOADS": offloads})
+                try:
+                    b.args = argparse.Namespace(**{**vars(args), "udp_count": 20, "udp_warmup": 5})
+                    b.udp_echo_latency("tether")  # the handshake, before the clock starts
+                    b.args = args
+                    for d, rev in (("up", False), ("down", True)):
+                        try:
+                            x = b.iperf("tether", rev)
+                            log(f"{label} ({offloads}) {d} run {rep + 1}: {x['gbps']:.3f} Gbit/s, engine "
+                                f"{x['engine_cpu_s_per_gbit']:.2f} CPU s/Gbit, peer {x['peer_cpu_s_per_gbit']:.2f}")
+                        except R.ERRS as e:
+                            x = {"error": str(e)}
+                            log(f"{label} ({offloads}) {d} run {rep + 1}: ERROR {e}")
+                        res["runs"][label][d].append(x)
+                finally:
+                    b.stop_tether()
+    finally:
+        b.cleanup()
+    res["summary"] = {label: {d: summarize(res["runs"][label][d]) for d in ("up", "down")} for label, _ in ABLATION}
+    print(json.dumps(res["summary"], indent=1))
+    if not args.no_write:
+        base = RESULTS_DIR / f"wireguard-ablation-{now.strftime('%Y%m%dT%H%M%SZ')}{'-quick' if args.quick else ''}"
+        Path(str(base) + ".json").write_text(json.dumps(res, indent=1) + "\n")
+        note = plot_ablation(res, Path(str(base) + ".png"))
+        log(f"wrote {base}.json" + (f" ({note})" if note else f" and {base.name}.png"))
+    return 0
+
+
+def plot_ablation(res: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        return f"matplotlib not available ({e})"
+    labels = [label for label, _ in ABLATION]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (field, title, unit) in zip(axes, [("gbps", "TCP throughput (iperf3, median)", "Gbit/s"),
+                                               ("engine_cpu_s_per_gbit", "tether's CPU per Gbit", "CPU s / Gbit")]):
+        width = 0.38
+        for i, (d, name) in enumerate((("up", "out"), ("down", "in (-R)"))):
+            vals = [res["summary"][label][d].get(field) or 0 for label in labels]
+            xs = [j + (i - 0.5) * width for j in range(len(labels))]
+            bars = ax.bar(xs, vals, width, label=name)
+            for bar, v in zip(bars, vals):
+                ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"tether --wireguard, TETHER_WG_OFFLOADS ablation, {res['timestamp']}"
+                 + (" (QUICK)" if res["quick"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 s iperf3, 1 run, 300 echoes (smoke test)")
     ap.add_argument("--as-user", default="tether-test", help="run tether rootless as this user")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--ablation", action="store_true",
+                    help="tether only, once per TETHER_WG_OFFLOADS setting (all, each one off, none): "
+                         "what each offload is worth; 5 s iperf3 x 2 per direction (3 s x 1 with --quick)")
     a = ap.parse_args(argv)
-    a.duration, a.omit, a.repeats = (3, 1, 1) if a.quick else (10, 1, 3)
+    a.duration, a.omit, a.repeats = (3, 1, 1) if a.quick else (5, 1, 2) if a.ablation else (10, 1, 3)
     a.udp_count, a.udp_warmup = (300, 20) if a.quick else (2000, 50)
     a.life = 3600
     return a
@@ -439,6 +533,8 @@ def main(argv=None) -> int:
         return 2
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(s, R.on_signal)
+    if args.ablation:
+        return ablation(args)
     b = Bench(args)
     atexit.register(b.cleanup)
     now = dt.datetime.now(dt.UTC)

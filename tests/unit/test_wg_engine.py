@@ -15,8 +15,8 @@ import pytest
 
 from tether.engine.wireguard import engine as engine_module
 from tether.engine.wireguard.device import Device, PeerSpec
-from tether.engine.wireguard.engine import (WireGuardEngine, mapped, open_udp_socket, protocol_clock,
-                                            time_scale_from_environment, unmap)
+from tether.engine.wireguard.engine import (ALL_OFFLOADS, WireGuardEngine, mapped, offloads_from_environment,
+                                            open_udp_socket, protocol_clock, time_scale_from_environment, unmap)
 from tether.engine.wireguard.keys import generate_private_key, public_key
 from tether.net.packet import checksum
 from tether.net.tcpoffload import split_frame
@@ -72,7 +72,7 @@ class Pair:
 
     addresses = ["10.99.0.1", "10.99.0.2"]
 
-    def __init__(self, vnet_header: bool = False):
+    def __init__(self, vnet_header: bool = False, offloads: frozenset[str] = ALL_OFFLOADS):
         keys = [generate_private_key() for _ in range(2)]
         self.socks = [open_udp_socket(None) for _ in range(2)]
         self.ports = [s.getsockname()[1] for s in self.socks]
@@ -82,7 +82,7 @@ class Pair:
             device = Device(keys[me], [PeerSpec(public_key(keys[other]), endpoint=("127.0.0.1", self.ports[other]),
                                                 allowed_ips=(ipaddress.ip_network(f"{self.addresses[other]}/32"),))])
             self.engines.append(WireGuardEngine(self.tuns[me][0].fileno(), self.socks[me], device,
-                                                vnet_header=vnet_header))
+                                                vnet_header=vnet_header, offloads=offloads))
         self.app = [pair[1] for pair in self.tuns]
 
     def start(self) -> None:
@@ -183,6 +183,39 @@ def test_a_gso_send_lost_to_a_full_buffer_is_counted_and_gso_stays_on(monkeypatc
         assert sender.stats["send_errors"] == 1 and sender.gso is True
     finally:
         pair.close()
+
+
+@pytest.mark.parametrize("offloads", [frozenset(), frozenset({"gso"}), frozenset({"gro"}), frozenset({"tso", "gro"})])
+def test_each_offload_can_be_turned_off_and_the_data_still_arrives(offloads):
+    """TETHER_WG_OFFLOADS: without gso every datagram is its own sendto, without gro every packet
+    its own tun write; the data is the same."""
+    async def main():
+        pair = Pair(vnet_header=True, offloads=offloads)
+        try:
+            pair.start()
+            await pair.packet(b"hello")
+            frames, segments = await pair.tcp_through(os.urandom(30000), 1360)
+            sender, receiver = pair.engines
+            assert sender.gso == ("gso" in offloads) and receiver.gro == ("gro" in offloads)
+            assert (sender.stats["gso_sends"] > 0) == ("gso" in offloads)
+            assert (receiver.stats["gro_writes"] > 0) == ("gro" in offloads)
+            assert (len(frames) == segments) == ("gro" not in offloads)
+            shown = receiver.show()["io"]
+            assert shown["udp_gso"] == ("gso" in offloads) and shown["tun_gro"] == ("gro" in offloads)
+        finally:
+            pair.close()
+
+    asyncio.run(main())
+
+
+def test_offloads_from_the_environment():
+    assert offloads_from_environment({}) == ALL_OFFLOADS == {"tso", "gso", "gro"}
+    assert offloads_from_environment({"TETHER_WG_OFFLOADS": ""}) == ALL_OFFLOADS
+    assert offloads_from_environment({"TETHER_WG_OFFLOADS": "none"}) == frozenset()
+    assert offloads_from_environment({"TETHER_WG_OFFLOADS": " GSO, tso "}) == {"gso", "tso"}
+    for bad in ("lro", "tso,ufo", "none,gso"):
+        with pytest.raises(ValueError, match="TETHER_WG_OFFLOADS"):
+            offloads_from_environment({"TETHER_WG_OFFLOADS": bad})
 
 
 def test_time_scale_from_the_environment():

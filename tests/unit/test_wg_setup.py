@@ -85,3 +85,18 @@ def test_a_bad_test_time_scale_is_refused(tmp_path, monkeypatch, value):
     monkeypatch.setenv("TETHER_WG_TEST_TIME_SCALE", value)
     with pytest.raises(setup.WireGuardSetupError, match="TETHER_WG_TEST_TIME_SCALE"):
         setup.prepare(str(path))
+
+
+def test_offloads_reach_the_engine_and_a_bad_list_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "wg0.conf"
+    path.write_text(conf_text())
+    monkeypatch.setenv("TETHER_WG_OFFLOADS", "gso")
+    tunnel = setup.prepare(str(path)).start()
+    try:
+        engine = tunnel.engine(0)
+        assert engine.offloads == {"gso"} and engine.gso and not engine.gro
+    finally:
+        tunnel.close()
+    monkeypatch.setenv("TETHER_WG_OFFLOADS", "jumbo")
+    with pytest.raises(setup.WireGuardSetupError, match="TETHER_WG_OFFLOADS.*jumbo"):
+        setup.prepare(str(path))

@@ -21,6 +21,8 @@ costs ~2 µs; a ``sendto`` through a veth, 5-10 µs):
   batch of one.  A kernel that refuses UDP GSO (``EIO``: no checksum offload on the route's
   device, ``EINVAL``/``EMSGSIZE``: a segment bigger than the route's MTU) turns GSO off for the
   engine's life; the same datagrams are then sent one by one, so the peer sees no difference.
+* ``TETHER_WG_OFFLOADS`` (tso, gso, gro, or none) turns each of the three off: for a kernel whose
+  offloads misbehave, and for ``benchmarks/wireguard.py --ablation``, which measures each one.
 
 The UDP socket was made in the host netns before the sandbox existed, so the tunnel's own datagrams
 never enter the sandbox (a kill switch by construction).  The socket is IPv6 dual-stack: IPv4
@@ -45,7 +47,7 @@ from typing import Any
 from tether import _sys
 from tether.engine.wireguard.device import Output
 from tether.net.gso import MAX_BYTES, runs
-from tether.net.packet import VNET_HDR_LEN
+from tether.net.packet import PLAIN_VNET_HEADER, VNET_HDR_LEN
 from tether.net.tcpoffload import coalesce, split_frame
 
 READS_PER_WAKEUP = 256  # reads per readiness callback: then other fds get their turn
@@ -56,6 +58,9 @@ MAX_ENDPOINTS = 256  # sendto addresses kept (a tunnel has one per peer, more on
 SOCKET_BUFFER = 4 << 20  # room for bursts while the engine is busy decrypting
 TUN_OFFLOADS = _sys.TUN_F_CSUM | _sys.TUN_F_TSO4 | _sys.TUN_F_TSO6 | _sys.TUN_F_TSO_ECN
 GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+
+OFFLOADS_ENV = "TETHER_WG_OFFLOADS"  # which batching offloads to use (troubleshooting, benchmarks)
+ALL_OFFLOADS: frozenset[str] = frozenset({"tso", "gso", "gro"})
 
 TIME_SCALE_ENV = "TETHER_WG_TEST_TIME_SCALE"  # tests only: the protocol's clock runs this much faster
 MAX_TIME_SCALE = 1000.0
@@ -74,6 +79,22 @@ def time_scale_from_environment(environ: dict[str, str] | None = None) -> float:
     if not 1.0 <= scale <= MAX_TIME_SCALE:
         raise ValueError(f"{TIME_SCALE_ENV}={text!r} must be between 1 and {MAX_TIME_SCALE:g}")
     return scale
+
+
+def offloads_from_environment(environ: dict[str, str] | None = None) -> frozenset[str]:
+    """``TETHER_WG_OFFLOADS``: a comma-separated subset of tso, gso, gro, or ``none`` (all three when
+    unset).  For a kernel whose offloads misbehave, and for measuring what each one is worth."""
+    text = (os.environ if environ is None else environ).get(OFFLOADS_ENV)
+    if text is None or not text.strip():
+        return ALL_OFFLOADS
+    names = {name.strip().lower() for name in text.split(",") if name.strip()}
+    if names == {"none"}:
+        return frozenset()
+    unknown = names - ALL_OFFLOADS
+    if unknown:
+        raise ValueError(f"{OFFLOADS_ENV}={text!r}: unknown offload {', '.join(sorted(unknown))} "
+                         "(use tso, gso, gro, or none)")
+    return frozenset(names)
 
 
 def protocol_clock(scale: float) -> Callable[[], float]:
@@ -122,14 +143,16 @@ class WireGuardEngine:
     name = "wireguard"
 
     def __init__(self, tun: int, sock: socket.socket, device: Any, *, vnet_header: bool = False,
-                 time_scale: float = 1.0) -> None:
+                 time_scale: float = 1.0, offloads: frozenset[str] = ALL_OFFLOADS) -> None:
         self.tun = tun
         self.sock = sock
         self.device = device
         self.vnet_header = vnet_header
         self.time_scale = time_scale
+        self.offloads = offloads
         self.tso = False  # the kernel hands us TCP super packets (TUNSETOFFLOAD accepted)
-        self.gso = True  # until the kernel refuses UDP_SEGMENT once
+        self.gso = "gso" in offloads  # until the kernel refuses UDP_SEGMENT once
+        self.gro = vnet_header and "gro" in offloads  # decrypted TCP coalesced into super packets
         self.stats = {"send_errors": 0, "tun_errors": 0, "tun_malformed": 0, "gso_sends": 0, "gro_writes": 0}
         self._out = Output()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,7 +163,7 @@ class WireGuardEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         os.set_blocking(self.tun, False)
-        if self.vnet_header:
+        if self.vnet_header and "tso" in self.offloads:
             try:
                 _sys.set_tun_offload(self.tun, TUN_OFFLOADS)
                 self.tso = True
@@ -169,7 +192,7 @@ class WireGuardEngine:
         """The device's ``wg show`` data, the listening port and how this shell moves bytes."""
         show = self.device.show()
         show["listen_port"] = self.sock.getsockname()[1]
-        show["io"] = {"tun_offload": self.tso, "udp_gso": self.gso, **self.stats}
+        show["io"] = {"tun_offload": self.tso, "udp_gso": self.gso, "tun_gro": self.gro, **self.stats}
         return show
 
     def connections(self) -> list[dict]:
@@ -292,7 +315,7 @@ class WireGuardEngine:
         tun, stats = self.tun, self.stats
         if self.vnet_header:
             writev = os.writev
-            for frame in coalesce(packets):
+            for frame in coalesce(packets) if self.gro else [[PLAIN_VNET_HEADER, packet] for packet in packets]:
                 if frame[0][1]:  # the vnet header's gso_type: several packets in one
                     stats["gro_writes"] += 1
                 try:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from tether.engine.wireguard.conf import ConfError, WgConfig, load_conf
 from tether.engine.wireguard.device import Device
-from tether.engine.wireguard.engine import (WireGuardEngine, open_udp_socket, protocol_clock,
-                                            time_scale_from_environment)
+from tether.engine.wireguard.engine import (ALL_OFFLOADS, WireGuardEngine, offloads_from_environment,
+                                            open_udp_socket, protocol_clock, time_scale_from_environment)
 from tether.errors import TetherError
 from tether.ns.netsetup import NetPlan
 
@@ -40,11 +40,12 @@ class Tunnel:
     device: Device
     plan: NetPlan
     time_scale: float
+    offloads: frozenset[str] = ALL_OFFLOADS
 
     def engine(self, tun: int) -> WireGuardEngine:
         """The engine for the sandbox's ``tun`` (made from ``plan``)."""
         return WireGuardEngine(tun, self.sock, self.device, vnet_header=self.plan.vnet_header,
-                               time_scale=self.time_scale)
+                               time_scale=self.time_scale, offloads=self.offloads)
 
     def close(self) -> None:
         self.sock.close()
@@ -58,6 +59,7 @@ class Prepared:
     resolv_conf: str
     endpoints: dict[bytes, tuple[str, int]]  # peers' host names, resolved
     time_scale: float = 1.0  # tests only: TETHER_WG_TEST_TIME_SCALE
+    offloads: frozenset[str] = ALL_OFFLOADS  # TETHER_WG_OFFLOADS
 
     def start(self) -> Tunnel:
         """Bind the tunnel's UDP socket (in the caller's - the host's - netns) and build the device."""
@@ -71,7 +73,7 @@ class Prepared:
         except ValueError as exc:
             sock.close()
             raise WireGuardSetupError(f"{self.path}: {exc}") from None
-        return Tunnel(sock, device, self.plan, self.time_scale)
+        return Tunnel(sock, device, self.plan, self.time_scale, self.offloads)
 
 
 def prepare(path: str) -> Prepared:
@@ -84,11 +86,12 @@ def prepare(path: str) -> Prepared:
                                   "inside the tunnel")
     try:
         time_scale = time_scale_from_environment()
+        offloads = offloads_from_environment()
     except ValueError as exc:
         raise WireGuardSetupError(str(exc)) from None
     endpoints = {peer.public_key: _resolve(peer.endpoint.host, peer.endpoint.port)
                  for peer in config.peers if peer.endpoint is not None and peer.endpoint.address is None}
-    return Prepared(path, config, net_plan(config), resolv_conf(config), endpoints, time_scale)
+    return Prepared(path, config, net_plan(config), resolv_conf(config), endpoints, time_scale, offloads)
 
 
 def net_plan(config: WgConfig) -> NetPlan:
