@@ -218,9 +218,11 @@ class WireGuardEngine:
                 break
             if self.vnet_header:
                 try:
-                    device.tun_packets(split_frame(frame), out)
-                except ValueError:
+                    packets = split_frame(frame)
+                except ValueError:  # a virtio-net header or super packet we cannot cut: dropped
                     self.stats["tun_malformed"] += 1
+                    continue
+                device.tun_packets(packets, out)
             else:
                 device.tun_packet(frame, out)
             if len(out.datagrams) >= FLUSH_EVERY:
