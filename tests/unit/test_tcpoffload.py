@@ -20,6 +20,7 @@ the test ids; random and mutated bytes raise only ValueError (``split_frame``) o
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 
 import pytest
@@ -452,11 +453,45 @@ def test_tso_full_64k_frame():
     assert_segments(out, 4, payload, 1448, flags=ACK | PSH)
 
 
+@pytest.mark.parametrize("options", [[(0, bytes(6))], [(60, bytes(14))], [(0, bytes(6)), (60, bytes(22))]],
+                         ids=["hop-by-hop", "destination-options", "both"])
+def test_tso6_with_extension_headers_keeps_them_in_every_segment(options):
+    """A socket's sticky IPV6_HOPOPTS / IPV6_DSTOPTS sit between the IPv6 header and TCP in every
+    packet of its connection, super packets included: each segment carries them unchanged, its
+    payload length counts them, and its TCP checksum (which does not) is right."""
+    payload = os.urandom(5000)
+    super_packet = with_ipv6_options(tcp_packet(6, payload, check="partial"), options)
+    chain = super_packet[40:super_packet.index(tcp_packet(6, payload, check="partial")[40:60])]
+    out = split_frame(vnet(NEEDS_CSUM, GSO_TCPV6, 0, 1200, 40 + len(chain), 16) + super_packet)
+    assert len(out) == 5
+    got = b""
+    for number, segment in enumerate(out):
+        assert segment[6] == super_packet[6] and segment[40:40 + len(chain)] == chain
+        assert struct.unpack_from("!H", segment, 4)[0] == len(segment) - 40
+        tcp = segment[40 + len(chain):]
+        assert ref_checksum(ref_pseudo(V6A, V6B, 6, len(tcp)) + tcp) == 0, number
+        assert struct.unpack_from("!I", tcp, 4)[0] == (1000 + 1200 * number) % 2**32
+        got += tcp[(tcp[12] >> 4) * 4:]
+    assert got == payload
+
+
 # --- malformed frames: each kind named -------------------------------------------------------
 
 GOOD4 = tcp_packet(4, b"p" * 3000, check="partial")
 GOOD6 = tcp_packet(6, b"p" * 3000, check="partial")
-EXT6 = struct.pack("!IHBB16s16s", 6 << 28, 8 + 20, 0, 64, V6A, V6B) + bytes([6, 0]) + bytes(6) + GOOD6[40:60]
+# a routing header (43) before TCP: it would change the checksum's pseudo-header, so it is refused
+EXT6 = struct.pack("!IHBB16s16s", 6 << 28, 8 + 20, 43, 64, V6A, V6B) + bytes([6, 0]) + bytes(6) + GOOD6[40:60]
+
+
+def with_ipv6_options(packet: bytes, options: list[tuple[int, bytes]]) -> bytes:
+    """``packet`` (TCP/IPv6) with extension headers [(type, body)] inserted before TCP; each
+    body is padded to a multiple of 8 bytes with its 2-byte next-header/length prefix."""
+    chain, types = b"", [t for t, _ in options] + [6]
+    for (kind, body), following in zip(options, types[1:]):
+        length = -(-(len(body) + 2) // 8) * 8
+        chain += bytes([following, length // 8 - 1]) + body.ljust(length - 2, b"\0")
+    payload_len = struct.unpack_from("!H", packet, 4)[0] + len(chain)
+    return packet[:4] + struct.pack("!HB", payload_len, types[0]) + packet[7:40] + chain + packet[40:]
 
 
 def tso4(packet: bytes, gso_size: int = 1000) -> bytes:
@@ -500,7 +535,9 @@ BAD_FRAMES = {
     "ipv6-truncated-header": (tso6(GOOD6[:39]), "truncated IPv6 header: 39 bytes"),
     "ipv6-payload-beyond-packet": (tso6(GOOD6[:-1]), "IPv6 payload length 3020 exceeds the 3019 bytes"),
     "ipv6-not-tcp": (tso6(udp_packet(6, b"u" * 3000)), "IPv6 next header 17 is not TCP"),
-    "ipv6-extension-header": (tso6(EXT6), "next header 0 is not TCP .*extension headers"),
+    "ipv6-routing-header": (tso6(EXT6), "next header 43 is not TCP .*hop-by-hop and destination options"),
+    "ipv6-options-past-packet": (tso6(EXT6[:6] + b"\x00" + EXT6[7:41] + b"\x0a" + EXT6[42:]),
+                                 "extension header of 88 bytes at offset 40 runs past the 68-byte packet"),
     "tcp-truncated-header": (tso4(ip_packet(4, 6, GOOD4[20:39])), "truncated TCP header at offset 20: 19 bytes"),
     "tcp-truncated-by-total": (tso4(ip_packet(4, 6, GOOD4[20:], total=35)), "truncated TCP header at offset 20: 15"),
     "tcp-data-offset-below-5": (tso4(with_byte(GOOD4, 32, 0x40)), r"TCP data offset 4 < 5 at offset 32"),

@@ -166,6 +166,11 @@ def test_a_kernel_that_refuses_udp_gso_gets_the_same_datagrams_one_by_one(monkey
             sender = pair.engines[0]
             assert calls == [15] and sender.gso is False and sender.stats["gso_sends"] == 0
             assert sender.stats["send_errors"] == 0 and sender.show()["io"]["udp_gso"] is False
+            assert sender.stats["gso_refusals"] == 1
+            # GSO_RETRY_AFTER later, the next batch tries GSO again (and is refused again here)
+            sender._gso_retry_at = 0.0
+            await pair.tcp_through(os.urandom(5000), 1360)
+            assert calls == [15, 4] and sender.stats["gso_refusals"] == 2 and sender.gso is False
         finally:
             pair.close()
 
@@ -221,7 +226,8 @@ def test_offloads_from_the_environment():
 def test_time_scale_from_the_environment():
     assert time_scale_from_environment({}) == 1.0
     assert time_scale_from_environment({"TETHER_WG_TEST_TIME_SCALE": " 60 "}) == 60.0
-    for bad in ("x", "0.99", "1001", "inf", "nan", "-1"):
+    assert time_scale_from_environment({"TETHER_WG_TEST_TIME_SCALE": "250"}) == 250.0
+    for bad in ("x", "0.99", "251", "inf", "nan", "-1"):
         with pytest.raises(ValueError, match="TETHER_WG_TEST_TIME_SCALE"):
             time_scale_from_environment({"TETHER_WG_TEST_TIME_SCALE": bad})
 
@@ -338,5 +344,32 @@ def test_the_timer_is_kept_when_deadlines_move_later_and_moved_when_they_come_so
             for end in tun:
                 end.close()
         assert engine._timer is None
+
+    asyncio.run(main())
+
+
+def test_one_wakeup_reads_at_most_its_byte_budget(monkeypatch):
+    """A tun read can be a 64 KiB super packet: a wakeup stops after BYTES_PER_WAKEUP bytes (here
+    3000) so the UDP socket and the timer get their turn; the rest waits for the next one."""
+    monkeypatch.setattr(engine_module, "BYTES_PER_WAKEUP", 3000)
+
+    async def main():
+        pair = Pair(vnet_header=True)
+        try:
+            pair.start()
+            await pair.packet(b"hello")  # the handshake
+            sender = pair.engines[0]
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(sender.tun)  # this test drives the reads itself
+            for n in range(5):
+                pair.app[0].send(bytes(10) + ipv4_packet(pair.addresses[0], pair.addresses[1], bytes(1000)))
+            sent_before = sender.device.peers[0].tx_bytes
+            sender._on_tun()
+            per_packet = (sender.device.peers[0].tx_bytes - sent_before) // 3
+            assert per_packet > 1000  # three packets of ~1 KB went out: 3 x 1038 bytes read > 3000
+            sender._on_tun()
+            assert sender.device.peers[0].tx_bytes - sent_before == 5 * per_packet
+        finally:
+            pair.close()
 
     asyncio.run(main())

@@ -27,7 +27,8 @@ complete IP packets.  This module is the "hardware" in both directions:
     says that CWR is set; nothing else changes).  Every TCP checksum is computed in full: the
     super packet's own checksum field (a partial sum over the super packet's length) is ignored.
   - ``hdr_len`` is never used: kernels fill it inconsistently (``skb_headlen`` on the way out);
-    header lengths come from IHL and the TCP data offset.  ``csum_start`` / ``csum_offset`` of a
+    header lengths come from IHL (IPv6: the hop-by-hop and destination options headers a socket
+    may add, walked and copied into every segment) and the TCP data offset.  ``csum_start`` / ``csum_offset`` of a
     GSO frame are ignored too, for the same reason: TCP's layout is known.
 
   Speed is the point: at 1 Gbit/s this runs for ~90,000 segments a second.  What is the same for
@@ -87,7 +88,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from tether.net.packet import (
-    IPV4_HEADER_LEN, IPV6_HEADER_LEN, MAX_IP_PACKET, PLAIN_VNET_HEADER, PROTO_TCP, VNET_F_NEEDS_CSUM,
+    IPV4_HEADER_LEN, IPV6_HEADER_LEN, MAX_EXTENSION_HEADERS, MAX_IP_PACKET, PLAIN_VNET_HEADER, PROTO_DSTOPTS,
+    PROTO_HOPOPTS, PROTO_TCP, VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE, VNET_HDR_LEN, _IPV4, _IPV4_MF, _IPV4_OFFSET, _IPV6, _VNET, _complement, _word_sum,
 )
 
@@ -167,14 +169,33 @@ def _complete_checksum(packet: memoryview, start: int, offset: int) -> bytes:
     return b"".join((packet[:field], _CHECK.pack(value), packet[field + 2:]))
 
 
+def _skip_ipv6_options(packet: memoryview, next_header: int, end: int) -> tuple[int, int]:
+    """(the protocol after them, its offset): past the hop-by-hop and destination options headers
+    a socket's sticky options (``IPV6_HOPOPTS``, ``IPV6_DSTOPTS``) put before TCP.  They are copied
+    into every segment unchanged; a routing header (it changes the checksum's pseudo-header) or a
+    fragment header stops the walk, and the caller refuses the frame."""
+    offset = IPV6_HEADER_LEN
+    for _ in range(MAX_EXTENSION_HEADERS):
+        if next_header not in (PROTO_HOPOPTS, PROTO_DSTOPTS):
+            break
+        if offset + 2 > end:
+            raise ValueError(f"truncated IPv6 extension header at offset {offset}")
+        next_header, length = packet[offset], (packet[offset + 1] + 1) * 8
+        if offset + length > end:
+            raise ValueError(f"IPv6 extension header of {length} bytes at offset {offset} runs past the "
+                             f"{end}-byte packet")
+        offset += length
+    return next_header, offset
+
+
 @lru_cache(maxsize=64)
 def _segment_layout(version: int, ip_len: int, tcp_len: int) -> struct.Struct:
     """Headers of one segment: the bytes that never change as ``s`` fields, the rest as numbers.
 
     IPv4: ver/IHL+TOS, total length, ID, flags+TTL+proto, header checksum, addresses+options.
-    IPv6: ver/class/flow, payload length, next header+hop limit+addresses.
+    IPv6: ver/class/flow, payload length, next header+hop limit+addresses+extension headers.
     TCP: ports, seq, ack+data offset, flags, window, checksum, urgent pointer+options."""
-    ip = f"2sHH4sH{ip_len - 12}s" if version == 4 else "4sH34s"
+    ip = f"2sHH4sH{ip_len - 12}s" if version == 4 else f"4sH{ip_len - 6}s"
     return struct.Struct(f"!{ip}4sI5sB2sH{tcp_len - 18}s")
 
 
@@ -208,15 +229,16 @@ def _segment_tcp(packet: memoryview, version: int, gso_size: int) -> list[bytes]
         if size < IPV6_HEADER_LEN:
             raise ValueError(f"truncated IPv6 header: {size} bytes, need {IPV6_HEADER_LEN}")
         _vcf, payload_len, proto, _hop, _src, _dst = _IPV6.unpack_from(packet)
-        ip_len, end, id0 = IPV6_HEADER_LEN, IPV6_HEADER_LEN + payload_len, 0
+        end, id0 = IPV6_HEADER_LEN + payload_len, 0
         if end > size:
             raise ValueError(f"IPv6 payload length {payload_len} exceeds the "
                              f"{size - IPV6_HEADER_LEN} bytes after the header")
+        proto, ip_len = _skip_ipv6_options(packet, proto, end)
         addresses = packet[8:40]
     if proto != PROTO_TCP:
         what = "next header" if version == 6 else "protocol"
         raise ValueError(f"IPv{version} {what} {proto} is not TCP in a {gso} frame"
-                         + (" (extension headers are not supported)" if version == 6 else ""))
+                         + (" (only hop-by-hop and destination options may precede it)" if version == 6 else ""))
     if end - ip_len < TCP_HEADER_LEN:
         raise ValueError(f"truncated TCP header at offset {ip_len}: {end - ip_len} bytes, "
                          f"need {TCP_HEADER_LEN}")
@@ -241,7 +263,8 @@ def _segment_tcp(packet: memoryview, version: int, gso_size: int) -> list[bytes]
         ip_a, ip_b, ip_c = bytes(packet[0:2]), bytes(packet[6:10]), bytes(packet[12:ip_len])
         ip_base = _word_sum(ip_a) + _word_sum(ip_b) + _word_sum(ip_c)
     else:
-        ip_a, ip_b = bytes(packet[0:4]), bytes(packet[6:40])
+        ip_a, ip_b = bytes(packet[0:4]), bytes(packet[6:ip_len])  # extension headers included
+        options_len = ip_len - IPV6_HEADER_LEN
     pack = _segment_layout(version, ip_len, tcp_len).pack
 
     count = -(-len(payload) // gso_size) or 1  # an empty payload still makes one packet
@@ -267,7 +290,7 @@ def _segment_tcp(packet: memoryview, version: int, gso_size: int) -> list[bytes]
             header = pack(ip_a, total, ident, ip_b, _complement(ip_base + total + ident), ip_c,
                           ports, seq, ack_doff, flags, window, tcp_sum, rest)
         else:
-            header = pack(ip_a, seg_len, ip_b, ports, seq, ack_doff, flags, window, tcp_sum, rest)
+            header = pack(ip_a, options_len + seg_len, ip_b, ports, seq, ack_doff, flags, window, tcp_sum, rest)
         out.append(header + chunk)
     return out
 
@@ -394,5 +417,5 @@ def _run_frame(run: list[bytes], version: int, head: int, seg_size: int, psh: bo
     struct.pack_into("!H", header, ip_len + TCP_CHECK_OFFSET, (pseudo + tcp_len) % 0xFFFF)
     vnet = _VNET.pack(VNET_F_NEEDS_CSUM, gso_type, head, seg_size, ip_len, TCP_CHECK_OFFSET)
     frame = [vnet + header + first[head:]]
-    frame.extend(packet[head:] for packet in run[1:])
+    frame.extend(memoryview(packet)[head:] for packet in run[1:])  # writev takes them as they are
     return frame

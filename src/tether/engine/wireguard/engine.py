@@ -19,8 +19,9 @@ costs ~2 µs; a ``sendto`` through a veth, 5-10 µs):
   sandbox's TCP takes one 64 KiB skb instead of 45 segments, and acknowledges it once.
 * Everything else (handshakes, keepalives, ICMP, UDP inside the tunnel) takes the same path as a
   batch of one.  A kernel that refuses UDP GSO (``EIO``: no checksum offload on the route's
-  device, ``EINVAL``/``EMSGSIZE``: a segment bigger than the route's MTU) turns GSO off for the
-  engine's life; the same datagrams are then sent one by one, so the peer sees no difference.
+  device, ``EINVAL``/``EMSGSIZE``: a segment bigger than the route's MTU, perhaps for a while) turns
+  GSO off for ``GSO_RETRY_AFTER`` seconds; the same datagrams are then sent one by one, so the
+  peer sees no difference.
 * ``TETHER_WG_OFFLOADS`` (tso, gso, gro, or none) turns each of the three off: for a kernel whose
   offloads misbehave, and for ``benchmarks/wireguard.py --ablation``, which measures each one.
 
@@ -50,7 +51,8 @@ from tether.net.gso import MAX_BYTES, runs
 from tether.net.packet import PLAIN_VNET_HEADER, VNET_HDR_LEN
 from tether.net.tcpoffload import coalesce, split_frame
 
-READS_PER_WAKEUP = 256  # reads per readiness callback: then other fds get their turn
+READS_PER_WAKEUP = 256  # reads per readiness callback: then other fds get their turn...
+BYTES_PER_WAKEUP = 1 << 20  # ...or this much read (a tun read may be a 64 KiB super packet)
 FLUSH_EVERY = 64  # datagrams or packets collected before they are sent or written
 MAX_PACKET = 65535
 MAX_FRAME = VNET_HDR_LEN + MAX_PACKET
@@ -58,12 +60,13 @@ MAX_ENDPOINTS = 256  # sendto addresses kept (a tunnel has one per peer, more on
 SOCKET_BUFFER = 4 << 20  # room for bursts while the engine is busy decrypting
 TUN_OFFLOADS = _sys.TUN_F_CSUM | _sys.TUN_F_TSO4 | _sys.TUN_F_TSO6 | _sys.TUN_F_TSO_ECN
 GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+GSO_RETRY_AFTER = 10.0  # seconds without GSO after a refusal (a path MTU may have dropped for a while)
 
 OFFLOADS_ENV = "TETHER_WG_OFFLOADS"  # which batching offloads to use (troubleshooting, benchmarks)
 ALL_OFFLOADS: frozenset[str] = frozenset({"tso", "gso", "gro"})
 
 TIME_SCALE_ENV = "TETHER_WG_TEST_TIME_SCALE"  # tests only: the protocol's clock runs this much faster
-MAX_TIME_SCALE = 1000.0
+MAX_TIME_SCALE = 250.0  # beyond it, retried initiations come <20 ms apart: wireguard-go drops those as a flood
 
 
 def time_scale_from_environment(environ: dict[str, str] | None = None) -> float:
@@ -153,7 +156,9 @@ class WireGuardEngine:
         self.tso = False  # the kernel hands us TCP super packets (TUNSETOFFLOAD accepted)
         self.gso = "gso" in offloads  # until the kernel refuses UDP_SEGMENT once
         self.gro = vnet_header and "gro" in offloads  # decrypted TCP coalesced into super packets
-        self.stats = {"send_errors": 0, "tun_errors": 0, "tun_malformed": 0, "gso_sends": 0, "gro_writes": 0}
+        self.stats = {"send_errors": 0, "tun_errors": 0, "tun_malformed": 0, "gso_sends": 0, "gso_refusals": 0,
+                      "gro_writes": 0}
+        self._gso_retry_at = float("inf")  # when GSO, refused once, is tried again
         self._out = Output()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -208,6 +213,7 @@ class WireGuardEngine:
 
     def _on_tun(self) -> None:
         out, device, tun, read = self._out, self.device, self.tun, os.read
+        budget = BYTES_PER_WAKEUP
         for _ in range(READS_PER_WAKEUP):
             try:
                 frame = read(tun, MAX_FRAME)
@@ -216,6 +222,7 @@ class WireGuardEngine:
             except OSError:
                 self.stats["tun_errors"] += 1
                 break
+            budget -= len(frame)
             if self.vnet_header:
                 try:
                     packets = split_frame(frame)
@@ -227,12 +234,15 @@ class WireGuardEngine:
                 device.tun_packet(frame, out)
             if len(out.datagrams) >= FLUSH_EVERY:
                 self._flush()
+            if budget <= 0:
+                break
         self._flush()
         self._arm()  # once per burst, not per packet
 
     def _on_udp(self) -> None:
         out, device, receive = self._out, self.device, self.sock.recvfrom
         batch: list[tuple[bytes, tuple[str, int]]] = []
+        budget = BYTES_PER_WAKEUP
         for _ in range(READS_PER_WAKEUP):
             try:
                 data, source = receive(MAX_PACKET)
@@ -241,10 +251,13 @@ class WireGuardEngine:
             except OSError:
                 continue  # an ICMP error queued on the socket (port unreachable): nothing to read
             batch.append((data, (unmap(source[0]), source[1])))
+            budget -= len(data)
             if len(batch) >= FLUSH_EVERY:
                 device.udp_datagrams(batch, out)
                 batch.clear()
                 self._flush()
+            if budget <= 0:
+                break
         if batch:
             device.udp_datagrams(batch, out)
         self._flush()
@@ -273,6 +286,8 @@ class WireGuardEngine:
                 end += 1
             address = self._socket_address(endpoint)
             payloads = [data for data, _ in datagrams[first:end]]
+            if not self.gso and time.monotonic() >= self._gso_retry_at:
+                self.gso, self._gso_retry_at = True, float("inf")
             if self.gso and len(payloads) > 1:
                 for run in runs(payloads, MAX_BYTES):
                     self._send_run(run, address)
@@ -303,7 +318,9 @@ class WireGuardEngine:
             if exc.errno not in GSO_REFUSED:
                 self.stats["send_errors"] += 1  # ENOBUFS, EAGAIN, no route: lost like any datagram
                 return
-            self.gso = False  # this path cannot segment: the same datagrams, one by one
+            self.gso = False  # this path cannot segment now: the same datagrams, one by one
+            self.stats["gso_refusals"] += 1
+            self._gso_retry_at = time.monotonic() + GSO_RETRY_AFTER
             for data in run:
                 self._send_one(data, address)
 
