@@ -429,6 +429,26 @@ def plot(res: dict, path: Path) -> str | None:
     return None
 
 
+def write_results(name: str, args, res: dict, chart) -> None:
+    """results/NAME[-quick].json, and the chart ``chart(res, path)`` draws beside it."""
+    base = RESULTS_DIR / f"{name}{'-quick' if args.quick else ''}"
+    Path(str(base) + ".json").write_text(json.dumps(res, indent=1) + "\n")
+    note = chart(res, Path(str(base) + ".png"))
+    log(f"wrote {base}.json" + (f" ({note})" if note else f" and {base.name}.png"))
+
+
+def logged_iperf(b: Bench, which: str, reverse: bool, tag: str) -> dict:
+    """One iperf3 run, logged; a failed run is recorded as {"error"} and the benchmark goes on."""
+    try:
+        x = b.iperf(which, reverse)
+    except R.ERRS as e:
+        log(f"{tag}: ERROR {e}")
+        return {"error": str(e)}
+    log(f"{tag}: {x['gbps']:.3f} Gbit/s, engine {x['engine_cpu_s_per_gbit']:.2f} CPU s/Gbit "
+        f"({x['engine_cpu_pct']:.0f} %), peer {x['peer_cpu_s_per_gbit']:.2f}")
+    return x
+
+
 ABLATION = [("all three", "tso,gso,gro"), ("no TSO", "gso,gro"), ("no GSO", "tso,gro"), ("no GRO", "tso,gso"),
             ("none", "none")]
 
@@ -455,14 +475,8 @@ def ablation(args) -> int:
                     b.udp_echo_latency("tether")  # the handshake, before the clock starts
                     b.args = args
                     for d, rev in (("up", False), ("down", True)):
-                        try:
-                            x = b.iperf("tether", rev)
-                            log(f"{label} ({offloads}) {d} run {rep + 1}: {x['gbps']:.3f} Gbit/s, engine "
-                                f"{x['engine_cpu_s_per_gbit']:.2f} CPU s/Gbit, peer {x['peer_cpu_s_per_gbit']:.2f}")
-                        except R.ERRS as e:
-                            x = {"error": str(e)}
-                            log(f"{label} ({offloads}) {d} run {rep + 1}: ERROR {e}")
-                        res["runs"][label][d].append(x)
+                        tag = f"{label} ({offloads}) {d} run {rep + 1}"
+                        res["runs"][label][d].append(logged_iperf(b, "tether", rev, tag))
                 finally:
                     b.stop_tether()
     finally:
@@ -470,10 +484,7 @@ def ablation(args) -> int:
     res["summary"] = {label: {d: summarize(res["runs"][label][d]) for d in ("up", "down")} for label, _ in ABLATION}
     print(json.dumps(res["summary"], indent=1))
     if not args.no_write:
-        base = RESULTS_DIR / f"wireguard-ablation-{now.strftime('%Y%m%dT%H%M%SZ')}{'-quick' if args.quick else ''}"
-        Path(str(base) + ".json").write_text(json.dumps(res, indent=1) + "\n")
-        note = plot_ablation(res, Path(str(base) + ".png"))
-        log(f"wrote {base}.json" + (f" ({note})" if note else f" and {base.name}.png"))
+        write_results(f"wireguard-ablation-{now.strftime('%Y%m%dT%H%M%SZ')}", args, res, plot_ablation)
     return 0
 
 
@@ -582,14 +593,7 @@ def main(argv=None) -> int:
                 order = names if rep % 2 == 0 else names[::-1]
                 for n in order:
                     b.select_peer(n)
-                    try:
-                        x = b.iperf(n, rev)
-                        log(f"{n} {d} run {rep + 1}: {x['gbps']:.3f} Gbit/s, engine {x['engine_cpu_s_per_gbit']:.2f} "
-                            f"CPU s/Gbit ({x['engine_cpu_pct']:.0f} %), peer {x['peer_cpu_s_per_gbit']:.2f}")
-                    except R.ERRS as e:
-                        x = {"error": str(e)}
-                        log(f"{n} {d} run {rep + 1}: ERROR {e}")
-                    res["runs"][n][d].append(x)
+                    res["runs"][n][d].append(logged_iperf(b, n, rev, f"{n} {d} run {rep + 1}"))
         res["pytest_seen"].append(("after-iperf", pytest_running()))
         res["udp_echo"] = {}
         for n in names:
@@ -632,10 +636,7 @@ def main(argv=None) -> int:
     res["contended"] = any(v for _, v in res["pytest_seen"])
     print(json.dumps({"summary": s, "verdicts": verdicts, "pytest_seen": res["pytest_seen"]}, indent=1))
     if not args.no_write:
-        base = RESULTS_DIR / f"wireguard-{stamp}{'-quick' if args.quick else ''}"
-        Path(str(base) + ".json").write_text(json.dumps(res, indent=1) + "\n")
-        note = plot(res, Path(str(base) + ".png"))
-        log(f"wrote {base}.json" + (f" ({note})" if note else f" and {base.name}.png"))
+        write_results(f"wireguard-{stamp}", args, res, plot)
     return 0
 
 

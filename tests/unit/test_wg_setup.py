@@ -3,6 +3,7 @@ wg-quick file, and the refusals that happen before anything starts."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import time
 
@@ -64,39 +65,43 @@ def test_start_binds_a_socket_and_builds_the_device(tmp_path):
     assert tunnel.sock.fileno() == -1
 
 
-def test_the_test_time_scale_reaches_the_device_clock(tmp_path, monkeypatch):
+@pytest.fixture
+def conf_path(tmp_path):
     path = tmp_path / "wg0.conf"
     path.write_text(conf_text())
-    monkeypatch.setenv("TETHER_WG_TEST_TIME_SCALE", "100")
-    tunnel = setup.prepare(str(path)).start()
+    return str(path)
+
+
+@contextlib.contextmanager
+def started(path: str):
+    """The tunnel ``tether run --wireguard`` would start from ``path``, closed afterwards."""
+    tunnel = setup.prepare(path).start()
     try:
+        yield tunnel
+    finally:
+        tunnel.close()
+
+
+def test_the_test_time_scale_reaches_the_device_clock(conf_path, monkeypatch):
+    monkeypatch.setenv("TETHER_WG_TEST_TIME_SCALE", "100")
+    with started(conf_path) as tunnel:
         before = tunnel.device.now()
         time.sleep(0.05)
         assert tunnel.device.now() - before >= 4.9  # 50 ms of wall time, 5 s of protocol time
         assert tunnel.engine(0).time_scale == 100
-    finally:
-        tunnel.close()
 
 
-@pytest.mark.parametrize("value", ["fast", "0.5", "0", "-3", "1e9", "nan", "251"])
-def test_a_bad_test_time_scale_is_refused(tmp_path, monkeypatch, value):
-    path = tmp_path / "wg0.conf"
-    path.write_text(conf_text())
-    monkeypatch.setenv("TETHER_WG_TEST_TIME_SCALE", value)
-    with pytest.raises(setup.WireGuardSetupError, match="TETHER_WG_TEST_TIME_SCALE"):
-        setup.prepare(str(path))
+@pytest.mark.parametrize("name, value", [("TETHER_WG_TEST_TIME_SCALE", v) for v in
+                                         ("fast", "0.5", "0", "-3", "1e9", "nan", "251")]
+                         + [("TETHER_WG_OFFLOADS", v) for v in ("jumbo", "tso,lro", "none,gso")])
+def test_a_bad_knob_is_refused_before_anything_starts(conf_path, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(setup.WireGuardSetupError, match=name):
+        setup.prepare(conf_path)
 
 
-def test_offloads_reach_the_engine_and_a_bad_list_is_refused(tmp_path, monkeypatch):
-    path = tmp_path / "wg0.conf"
-    path.write_text(conf_text())
+def test_offloads_reach_the_engine(conf_path, monkeypatch):
     monkeypatch.setenv("TETHER_WG_OFFLOADS", "gso")
-    tunnel = setup.prepare(str(path)).start()
-    try:
+    with started(conf_path) as tunnel:
         engine = tunnel.engine(0)
         assert engine.offloads == {"gso"} and engine.gso and not engine.gro
-    finally:
-        tunnel.close()
-    monkeypatch.setenv("TETHER_WG_OFFLOADS", "jumbo")
-    with pytest.raises(setup.WireGuardSetupError, match="TETHER_WG_OFFLOADS.*jumbo"):
-        setup.prepare(str(path))
