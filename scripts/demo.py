@@ -12,7 +12,12 @@
    `tether ctl NAME connections` show it running, `tether ctl NAME stop` ends it;
 6. as root, daemon mode: `tether serve` with a one-container config, a "container" (a network
    namespace of the demo's own) attached with `tether attach`, which fetches the same page
-   through the daemon; `tether ctl --admin sessions` while it runs; everything torn down.
+   through the daemon; `tether ctl --admin sessions` while it runs; everything torn down;
+7. as root, a per-app VPN: `tether run --wireguard wg0.conf` (rootless when the test user exists)
+   against Debian's wireguard-go as the peer, in two network namespaces of the demo's own (the
+   "host" where tether runs, and a "world" with the peer and a web server behind it): the page
+   comes through the tunnel, the world's own address is unreachable (no route but the tunnel),
+   and `tether ctl NAME wg show` shows the peer; everything torn down.
 
 Run with `make demo` (as root it runs the sandbox as the unprivileged test user when that user
 exists, to show the rootless path; as a normal user it runs as you).
@@ -85,9 +90,13 @@ def main() -> int:
     code = publish_act(tether, user)
     if code != 0 or os.getuid() != 0:
         if os.getuid() != 0:
-            print("\nhost: (daemon mode - tether serve - needs root: run `make demo` as root to see it)")
+            print("\nhost: (daemon mode - tether serve - and the WireGuard act build network namespaces: "
+                  "run `make demo` as root to see them)")
         return code
-    return daemon_act(tether)
+    code = daemon_act(tether)
+    if code != 0:
+        return code
+    return wireguard_act(tether, user)
 
 
 SERVER = r"""
@@ -198,6 +207,123 @@ def daemon_act(tether: str) -> int:
             subprocess.run(["ip", "netns", "del", netns], check=False)
             server.shutdown()
             print(f"host: daemon stopped (exit {daemon.returncode}); the container's netns removed")
+
+
+VPN_CLIENT = r"""
+import socket, sys, urllib.request
+body = urllib.request.urlopen("http://10.99.0.1:8080/hello.txt", timeout=10).read().decode().strip()
+print(f"inside: GET http://10.99.0.1:8080/hello.txt (through the tunnel) -> {body!r}")
+try:
+    socket.create_connection(("192.0.2.2", 8080), timeout=3).close()
+    print("inside: connect 192.0.2.2:8080 (the world, outside the tunnel) -> connected")
+except OSError as exc:
+    print(f"inside: connect 192.0.2.2:8080 (the world, outside the tunnel) -> {exc.strerror or exc}")
+print("inside: ready", flush=True)
+sys.stdin.read()  # until the demo has shown `ctl wg show`
+"""
+
+
+def wireguard_act(tether: str, user: str | None) -> int:
+    """A per-app VPN: tether run --wireguard against a wireguard-go peer, all in the demo's own
+    two network namespaces (192.0.2.1 <-> 192.0.2.2 on a veth; the tunnel is 10.99.0.0/24)."""
+    import secrets
+
+    if not (shutil.which("wireguard-go") and shutil.which("wg")):
+        print("\nhost: (the WireGuard act needs wireguard-go and wg: `make deps` installs them)")
+        return 0
+    tag = secrets.token_hex(3)
+    host_ns, world_ns, peer_if = f"tether-demo-h{tag}", f"tether-demo-w{tag}", f"tdwg{tag}"
+    procs: list[subprocess.Popen] = []
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True)
+
+    def keypair() -> tuple[str, str]:
+        private = subprocess.run([tether, "wg", "genkey"], capture_output=True, text=True, check=True).stdout.strip()
+        public = subprocess.run([tether, "wg", "pubkey"], input=private, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        return private, public
+
+    print()
+    with tempfile.TemporaryDirectory(prefix="tether-demo-wg-") as workdir:
+        os.chmod(workdir, 0o755)
+        try:
+            ip("netns", "add", host_ns)
+            ip("netns", "add", world_ns)
+            ip("-n", host_ns, "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", world_ns)
+            for ns, address in ((host_ns, "192.0.2.1/24"), (world_ns, "192.0.2.2/24")):
+                ip("-n", ns, "addr", "add", address, "dev", "veth0")
+                ip("-n", ns, "link", "set", "veth0", "up")
+                ip("-n", ns, "link", "set", "lo", "up")
+            # The peer: wireguard-go in the world, 10.99.0.1/24 on its tun, UDP 192.0.2.2:51820.
+            peer_private, peer_public = keypair()
+            our_private, our_public = keypair()
+            key_file = os.path.join(workdir, "peer.key")
+            with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(peer_private + "\n")
+            procs.append(subprocess.Popen(["ip", "netns", "exec", world_ns, "wireguard-go", "-f", peer_if],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait_for(lambda: os.path.exists(f"/var/run/wireguard/{peer_if}.sock"), "wireguard-go's socket")
+            ip("-n", world_ns, "addr", "add", "10.99.0.1/24", "dev", peer_if)
+            ip("-n", world_ns, "link", "set", peer_if, "mtu", "1420", "up")
+            subprocess.run(["wg", "set", peer_if, "listen-port", "51820", "private-key", key_file, "peer",
+                            our_public, "allowed-ips", "10.99.0.2/32"], check=True)
+            with open(os.path.join(workdir, "hello.txt"), "w") as f:
+                f.write("hello from behind the VPN\n")
+            procs.append(subprocess.Popen(["ip", "netns", "exec", world_ns, "/usr/bin/python3", "-m", "http.server",
+                                           "--bind", "10.99.0.1", "--directory", workdir, "8080"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            conf = os.path.join(workdir, "wg0.conf")
+            with open(os.open(conf, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(f"[Interface]\nPrivateKey = {our_private}\nAddress = 10.99.0.2/24\n\n[Peer]\n"
+                        f"PublicKey = {peer_public}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 10.99.0.0/24\n")
+            as_user = ["runuser", "-u", user, "--"] if user else []
+            if user:
+                shutil.chown(conf, user)
+            print(f"host: {conf} (keys from `tether wg genkey | tether wg pubkey`):")
+            print("  [Interface] Address = 10.99.0.2/24   [Peer] Endpoint = 192.0.2.2:51820, AllowedIPs = 10.99.0.0/24")
+            print(f"host: the peer is wireguard-go in netns {world_ns}; a web server listens on 10.99.0.1:8080")
+            name = f"demo-vpn-{tag}"
+            print(f"host: $ tether run --name {name} --wireguard wg0.conf -- python3 client.py"
+                  + (f"   (as {user}, in netns {host_ns})" if user else f"   (in netns {host_ns})"))
+            run = subprocess.Popen(["ip", "netns", "exec", host_ns, *as_user, tether, "run", "--name", name,
+                                    "--wireguard", conf, "--", "/usr/bin/python3", "-c", VPN_CLIENT],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(run)
+            for line in run.stdout:
+                if line.strip() == "inside: ready":
+                    break
+                print(line, end="")
+            print(f"host: $ tether ctl {name} wg show")
+            shown = subprocess.run([*as_user, tether, "ctl", name, "wg", "show"], capture_output=True, text=True,
+                                   timeout=30)
+            print("\n".join("  " + line for line in (shown.stdout + shown.stderr).rstrip().splitlines()))
+            run.stdin.close()
+            code = run.wait(timeout=30)
+            print(f"host: tether exited with {code}")
+            return code
+        finally:
+            for proc in reversed(procs):
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            for ns in (host_ns, world_ns):
+                subprocess.run(["ip", "netns", "del", ns], check=False, stderr=subprocess.DEVNULL)
+            print("host: the VPN act's namespaces, wireguard-go and web server removed")
+
+
+def _wait_for(ready, what: str, timeout: float = 10) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def _serve_hello(directory: str, text: str) -> tuple[http.server.ThreadingHTTPServer, int]:
