@@ -417,10 +417,7 @@ class AttachBench:
             finally:
                 REAPER.stop(p)
             d.wait_count("detach", NAME_ATTACH, n_det + 1)
-            es, ea = self._session_events(NAME_ATTACH, p.pid)
-            if es and ea:
-                s["cli_popen_to_engine_start"].append(ts_epoch(es["ts"]) - wall0)
-                s["cli_popen_to_attach_event"].append(ts_epoch(ea["ts"]) - wall0)
+            self._record_session_events(s, "cli_popen", p.pid, wall0)
         finally:
             REAPER.del_netns(ns)
 
@@ -442,10 +439,7 @@ class AttachBench:
                 os.close(nsfd)
                 os.close(pidfd)
             d.wait_count("detach", NAME_ATTACH, n_det + 1)
-            es, ea = self._session_events(NAME_ATTACH, os.getpid())
-            if es and ea:
-                s["inproc_to_engine_start"].append(ts_epoch(es["ts"]) - wall0)
-                s["inproc_to_attach_event"].append(ts_epoch(ea["ts"]) - wall0)
+            self._record_session_events(s, "inproc", os.getpid(), wall0)
         finally:
             REAPER.del_netns(ns)
 
@@ -580,6 +574,14 @@ class AttachBench:
             except ValueError:
                 continue
         self.importtime = [x for x in rows if x["depth"] <= 2 and x["cum_us"] >= 1000]
+
+    def _record_session_events(self, s: dict, prefix: str, peer_pid: int, wall0: float) -> None:
+        """PREFIX_to_engine_start and PREFIX_to_attach_event: seconds from wall0 (the wall clock
+        when the client started) to the daemon's events for that client's session."""
+        es, ea = self._session_events(NAME_ATTACH, peer_pid)
+        if es and ea:
+            s[f"{prefix}_to_engine_start"].append(ts_epoch(es["ts"]) - wall0)
+            s[f"{prefix}_to_attach_event"].append(ts_epoch(ea["ts"]) - wall0)
 
     def _session_events(self, name: str, peer_pid: int) -> tuple[dict | None, dict | None]:
         """The last session's engine-start and attach events (the attach one names peer_pid)."""

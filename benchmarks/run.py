@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import datetime as dt
 import json
 import math
@@ -743,20 +744,6 @@ class Topology:
         """argv run in the world netns (the inbound clients)."""
         return in_ns(self.world) + argv
 
-    def iperf_server(self, ns: str | None = None, ip: str = WORLD_IP) -> subprocess.Popen:
-        """A one-shot `iperf3 -s` bound to ip in netns ns (default: the world's server)."""
-        p = REAPER.popen(in_ns(ns or self.world) + ["iperf3", "-s", "-1", "-B", ip, "-p", str(IPERF_PORT)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
-        end = time.monotonic() + 5
-        while time.monotonic() < end:
-            if p.poll() is not None:
-                raise BenchError(f"iperf3 server exited: {p.stderr.read().decode()[-300:]}")
-            if tcp_listening(p.pid, IPERF_PORT):
-                return p
-            time.sleep(0.01)
-        REAPER.stop(p)
-        raise BenchError("iperf3 server did not start listening within 5 s")
-
 
 # --- contenders ------------------------------------------------------------------------------------
 
@@ -1057,18 +1044,35 @@ def pct(sorted_vals: list[float], p: float) -> float:
 
 def measure_iperf(c: Contender, reverse: bool, args) -> dict:
     c.check_alive()
-    return iperf3_tcp(c.topo, c.wrap, c.env(), c.topo.world, WORLD_IP, reverse, args)
+    return iperf3_tcp(c.wrap, c.env(), c.topo.world, WORLD_IP, reverse, args)
 
 
-def run_iperf3(topo: Topology, wrap, env, server_ns: str, server_ip: str, options: list[str], timeout: float,
-               what: str) -> dict:
+def start_iperf_server(ns: str, ip: str) -> subprocess.Popen:
+    """A one-shot `iperf3 -s` bound to ip in netns ns, once it listens."""
+    p = REAPER.popen(in_ns(ns) + ["iperf3", "-s", "-1", "-B", ip, "-p", str(IPERF_PORT)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        if p.poll() is not None:
+            raise BenchError(f"iperf3 server exited: {p.stderr.read().decode()[-300:]}")
+        if tcp_listening(p.pid, IPERF_PORT):
+            return p
+        time.sleep(0.01)
+    REAPER.stop(p)
+    raise BenchError("iperf3 server did not start listening within 5 s")
+
+
+def run_iperf3(wrap, env, server_ns: str, server_ip: str, options: list[str], timeout: float, what: str,
+               window=None) -> dict:
     """One iperf3 client run by wrap() against `iperf3 -s` bound to server_ip in server_ns;
-    returns iperf3's JSON "end" section (BenchError with iperf3's words if it failed)."""
-    srv = topo.iperf_server(server_ns, server_ip)
+    returns iperf3's whole JSON report (BenchError with iperf3's words if it failed).  ``window``,
+    a context manager, brackets the client run alone (wireguard.py measures CPU time in it)."""
+    srv = start_iperf_server(server_ns, server_ip)
     r = None
     try:
         argv = ["iperf3", "-c", server_ip, "-p", str(IPERF_PORT), *options, "-J", "--connect-timeout", "5000"]
-        r = run(wrap(argv), timeout=timeout, env=env)
+        with window or contextlib.nullcontext():
+            r = run(wrap(argv), timeout=timeout, env=env)
     finally:
         try:
             srv.wait(5 if r is not None and r.returncode == 0 else 0.2)
@@ -1081,13 +1085,13 @@ def run_iperf3(topo: Topology, wrap, env, server_ns: str, server_ip: str, option
         raise BenchError(f"{what} rc={r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
     if "error" in j:
         raise BenchError(f"{what}: {j['error']}")
-    return j["end"]
+    return j
 
 
-def iperf3_tcp(topo: Topology, wrap, env, server_ns: str, server_ip: str, reverse: bool, args) -> dict:
+def iperf3_tcp(wrap, env, server_ns: str, server_ip: str, reverse: bool, args) -> dict:
     """One iperf3 TCP run: `iperf3 -s` bound to server_ip in server_ns, the client run by wrap()."""
     options = ["-t", str(args.duration), "-O", str(args.omit)] + (["-R", "--rcv-timeout", "15000"] if reverse else [])
-    end = run_iperf3(topo, wrap, env, server_ns, server_ip, options, args.duration + args.omit + 30, "iperf3")
+    end = run_iperf3(wrap, env, server_ns, server_ip, options, args.duration + args.omit + 30, "iperf3")["end"]
     return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
             "sender_gbps": end["sum_sent"]["bits_per_second"] / 1e9,
             "retransmits": end["sum_sent"].get("retransmits"),
@@ -1127,7 +1131,7 @@ def measure_udp_iperf(c: Contender, reverse: bool, args) -> dict:
         options += ["-w", args.udp_window]
     if reverse:
         options += ["-R", "--rcv-timeout", "15000"]
-    end = run_iperf3(c.topo, c.wrap, c.env(), c.topo.world, WORLD_IP, options, args.udp_duration + 40, "iperf3 -u")
+    end = run_iperf3(c.wrap, c.env(), c.topo.world, WORLD_IP, options, args.udp_duration + 40, "iperf3 -u")["end"]
     rx, tx = end.get("sum_received") or end["sum"], end.get("sum_sent") or end["sum"]
     return {"gbps": rx["bits_per_second"] / 1e9, "sender_gbps": tx["bits_per_second"] / 1e9,
             "lost_percent": rx.get("lost_percent"), "lost_packets": rx.get("lost_packets"),
@@ -1294,7 +1298,7 @@ def measure_inbound(row: InboundRow, direction: str, args) -> dict:
     row.check_alive()
     topo = row.c.topo
     if row.tool == "iperf3":
-        return iperf3_tcp(topo, topo.world_wrap, CLIENT_ENV, topo.veth, VETH_SBX, direction == "out", args)
+        return iperf3_tcp(topo.world_wrap, CLIENT_ENV, topo.veth, VETH_SBX, direction == "out", args)
     ip, port = row.target
     r = run(topo.world_wrap([SYS_PY, "-c", INBOUND_PROG, "client", ip, str(port), direction,
                              str(args.omit), str(args.duration)]),

@@ -163,6 +163,24 @@ def start_wireguard_go(ns: str, name: str) -> subprocess.Popen:
     return p
 
 
+class CpuWindow:
+    """CPU time (user, system) of the engine's processes and the peer's, and the clock, read just
+    before and just after what it brackets (the iperf3 client run)."""
+
+    def __init__(self, engine: list[int], peer: list[int]) -> None:
+        self.engine, self.peer = engine, peer
+
+    def _read(self) -> tuple[tuple[float, float], float, float]:
+        return cpu_us(self.engine), cpu_s(self.peer), time.monotonic()
+
+    def __enter__(self) -> CpuWindow:
+        self.start = self._read()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end = self._read()
+
+
 class Bench:
     def __init__(self, args) -> None:
         self.args = args
@@ -299,45 +317,17 @@ class Bench:
             if p is not None and p.poll() is not None:
                 raise R.BenchError(f"{what} exited (rc={p.returncode})")
 
-    def iperf_server(self) -> subprocess.Popen:
-        p = REAPER.popen(R.in_ns(self.world) + ["iperf3", "-s", "-1", "-B", PEER_TUN, "-p", str(IPERF_PORT)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
-        end = time.monotonic() + 5
-        while time.monotonic() < end:
-            if p.poll() is not None:
-                raise R.BenchError(f"iperf3 server exited: {p.stderr.read().decode()[-300:]}")
-            if R.tcp_listening(p.pid, IPERF_PORT):
-                return p
-            time.sleep(0.01)
-        REAPER.stop(p)
-        raise R.BenchError("iperf3 server did not listen within 5 s")
-
     # -- measurements ------------------------------------------------------------------------------
     def iperf(self, which: str, reverse: bool) -> dict:
         self.check_alive()
         a = self.args
-        srv = self.iperf_server()
         opts = ["-t", str(a.duration), "-O", str(a.omit)] + (["-R", "--rcv-timeout", "15000"] if reverse else [])
-        argv = ["iperf3", "-c", PEER_TUN, "-p", str(IPERF_PORT), *opts, "-J", "--connect-timeout", "5000"]
-        eng, peer = self.engine_pids(which), [self.peer_proc.pid]
-        (u0, s0), p0, t0 = cpu_us(eng), cpu_s(peer), time.monotonic()
-        r = None
-        try:
-            r = R.run(self.wrap(which, argv), timeout=a.duration + a.omit + 30, env=R.CLIENT_ENV)
-        finally:
-            (u1, s1), p1, t1 = cpu_us(eng), cpu_s(peer), time.monotonic()
-            c0, c1 = u0 + s0, u1 + s1
-            try:
-                srv.wait(5 if r is not None and r.returncode == 0 else 0.2)
-            except subprocess.TimeoutExpired:
-                pass
-            REAPER.stop(srv)
-        try:
-            j = json.loads(r.stdout)
-        except json.JSONDecodeError:
-            raise R.BenchError(f"iperf3 rc={r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}")
-        if "error" in j:
-            raise R.BenchError(f"iperf3: {j['error']}")
+        window = CpuWindow(self.engine_pids(which), [self.peer_proc.pid])
+        j = R.run_iperf3(lambda argv: self.wrap(which, argv), R.CLIENT_ENV, self.world, PEER_TUN, opts,
+                         a.duration + a.omit + 30, "iperf3", window)
+        (u0, s0), p0, t0 = window.start
+        (u1, s1), p1, t1 = window.end
+        c0, c1 = u0 + s0, u1 + s1
         end = j["end"]
         # Gbit moved over the whole client run (omitted warm-up included, like the CPU window).
         gbit = end["sum_sent"]["bytes"] * 8 / 1e9

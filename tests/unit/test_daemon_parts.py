@@ -895,6 +895,18 @@ async def _in_thread(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
+def _served_call(tmp_path: Path, methods: dict, fd_methods: frozenset, client):
+    """Serve ``methods`` on a fresh socket and run ``client(path)`` in a thread against it."""
+    async def main_():
+        server, path = _serve(tmp_path, methods, fd_methods)
+        try:
+            return await _in_thread(client, path)
+        finally:
+            server.close()
+
+    return asyncio.run(main_())
+
+
 def _identity(fd: int) -> tuple[int, int]:
     info = os.fstat(fd)
     return info.st_dev, info.st_ino
@@ -914,21 +926,12 @@ def test_fds_reach_a_method_that_takes_them(tmp_path):
     r, w = os.pipe()
     sent = [_identity(file_fd), _identity(r)]
 
-    def client():
+    def client(path):
         with ControlClient(path, "test", timeout=5) as c:
             return c.call("attach", {"lifetime": "process"}, fds=[file_fd, r])
 
-    async def main_():
-        nonlocal path
-        server, path = _serve(tmp_path, {"attach": attach}, frozenset({"attach"}))
-        try:
-            return await _in_thread(client)
-        finally:
-            server.close()
-
-    path = ""
     try:
-        result = asyncio.run(main_())
+        result = _served_call(tmp_path, {"attach": attach}, frozenset({"attach"}), client)
         assert result == {"n": 2, "params": {"lifetime": "process"}}
         assert received == sent, "the method got the very files the client sent"
         assert _identity(kept[0]) == sent[0] and os.pread(kept[0], 5, 0) == b"hello"
@@ -1007,23 +1010,14 @@ def test_fd_violation_is_reported_even_when_the_server_closes_first(tmp_path, mo
     monkeypatch.setattr(control._sys, "send_fds", send_fds_then_let_the_server_close)
     r, w = os.pipe()
 
-    def client():
+    def client(path):
         with ControlClient(path, "test", timeout=5) as c:
             with pytest.raises(ControlError) as info:
                 c.call("ping", fds=[r])
             return info.value
 
-    async def main_():
-        nonlocal path
-        server, path = _serve(tmp_path, {"ping": lambda request: "pong"}, frozenset())
-        try:
-            return await _in_thread(client)
-        finally:
-            server.close()
-
-    path = ""
     try:
-        error = asyncio.run(main_())
+        error = _served_call(tmp_path, {"ping": lambda request: "pong"}, frozenset(), client)
     finally:
         os.close(r)
         os.close(w)
